@@ -1,0 +1,144 @@
+"""`refcache train` and `refcache sweep`: command-line front ends of dpo.train.train."""
+
+import argparse
+import dataclasses
+import json
+import os
+
+from dpo import losses as L
+from refcache import UserError
+
+
+def add_commands(sub):
+    p = sub.add_parser("train", help="train a policy with a DPO-family loss from a reference cache",
+                       description="Train a policy with a DPO-family loss, reading reference log-probs from CACHE.")
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run directory (new, or existing with --resume)")
+    p.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sweep", help="several trainings over one cache (betas x losses)",
+                       description="Run one training per (loss, beta) from the same cache, one after another, "
+                                   "each in DIR/<loss>-beta<B>/. Finished runs are skipped, unfinished ones resumed.")
+    _add_train_args(s, sweep=True)
+    s.add_argument("--out", required=True, help="directory holding one run directory per (loss, beta)")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _add_train_args(p, sweep=False):
+    a = p.add_argument
+    a("--cache", required=True, help="stage-1 cache directory (training pairs)")
+    a("--eval-cache", help="stage-1 cache of eval pairs, scored as probes")
+    a("--model", help="policy to start from (default: the model the cache was scored with)")
+    if sweep:
+        a("--loss", default="sigmoid", help="comma-separated loss names (default sigmoid)")
+        a("--beta", required=True, help="comma-separated betas, e.g. 0.05,0.1,0.5")
+    else:
+        a("--loss", default="sigmoid", help=f"one of: {', '.join(L.LOSSES)} (default sigmoid)")
+        a("--beta", type=float, help="loss temperature (default: the loss's own, 0.1; simpo 2.0)")
+    a("--label-smoothing", type=float, help="sigmoid/robust/aot: label flip rate; exo_pair: epsilon (1e-3)")
+    a("--rpo-alpha", type=float, help="rpo: weight of the chosen NLL term (1.0)")
+    a("--rdpo-alpha", type=float, help="rdpo: length penalty per token of difference (0.01)")
+    a("--simpo-gamma", type=float, help="simpo: target reward margin (0.5)")
+    a("--dpop-lambda", type=float, help="dpop: weight of the chosen-likelihood penalty (50)")
+    a("--discopop-tau", type=float, help="discopop: gate temperature (0.05)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=float, help="passes over the training pairs (default 1)")
+    a("--batch-size", type=int, default=8, help="pairs per optimizer step, over all processes (8)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per process per step (1)")
+    a("--lr", type=float, default=1e-6, help="peak learning rate (1e-6)")
+    a("--warmup", type=float, default=0.0, help="warmup steps, or a fraction of all steps if < 1 (0)")
+    a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr decay after warmup")
+    a("--weight-decay", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm (0 = off)")
+    a("--seed", type=int, default=0)
+    a("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (bf16 = autocast)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (needs peft)")
+    a("--lora-alpha", type=float, default=16.0)
+    a("--live-ref", action="store_true", help="load the reference model and score it live (for comparison)")
+    a("--ref-model", help="reference model for --live-ref (default: the cache's model)")
+    a("--probe-every", type=int, default=10, help="score the probe pairs every K steps (10)")
+    a("--probe-size", type=int, default=32, help="probe pairs per split (32)")
+    a("--checkpoint-every", type=int, default=100, help="checkpoint every K steps (100; 0 = only at the end)")
+    a("--allow-mismatch", action="store_true", help="train even if the cache was scored with another model")
+    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    a("--threads", type=int, help="torch CPU threads")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _config(args, **over):
+    from dpo.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def _check_cache(path, flag):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory; build one with `refcache precompute`")
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise UserError(f"{flag} {path}: not a refcache cache (no manifest.json); build one with `refcache precompute`")
+
+
+def _check_loss(name):
+    if name not in L.LOSSES:
+        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(L.LOSSES)}")
+
+
+def cmd_train(args) -> int:
+    from dpo.train import train
+
+    _check_loss(args.loss)
+    _check_cache(args.cache, "--cache")
+    if args.eval_cache:
+        _check_cache(args.eval_cache, "--eval-cache")
+    summary = train(_config(args))
+    if summary:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from dpo.train import train
+
+    losses = [x.strip() for x in args.loss.split(",") if x.strip()]
+    for name in losses:
+        _check_loss(name)
+    try:
+        betas = [float(x) for x in args.beta.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--beta {args.beta!r}: expected comma-separated numbers like 0.05,0.1,0.5") from None
+    if not betas or not losses:
+        raise UserError("--beta and --loss need at least one value each")
+    _check_cache(args.cache, "--cache")
+    if args.eval_cache:
+        _check_cache(args.eval_cache, "--eval-cache")
+    results = []
+    for name in losses:
+        for beta in betas:
+            run = os.path.join(args.out, f"{name}-beta{beta:g}")
+            done = os.path.join(run, "summary.json")
+            if os.path.isfile(done):
+                print(f"{run}: already finished, skipped")
+                with open(done) as f:
+                    results.append(json.load(f))
+                continue
+            results.append(train(_config(args, loss=name, beta=beta, out=run, resume=True)))
+    print(f"{'run':<32} {'final loss':>10} {'eval acc':>8} {'eval margin':>11}")
+    for r in results:
+        ev = (r.get("probe") or {}).get("eval") or (r.get("probe") or {}).get("train") or {}
+        print(f"{os.path.basename(r['run_dir']):<32} {r['final_loss']:>10.4f} {ev.get('reward_accuracy', float('nan')):>8.3f} "
+              f"{ev.get('reward_margin', float('nan')):>11.4f}")
+    return 0
+
+
+def _print_summary(s):
+    ev = (s.get("probe") or {}).get("eval")
+    line = f"{s['run_dir']}: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
+    if ev:
+        line += f", eval reward accuracy {ev['reward_accuracy']:.3f} (margin {ev['reward_margin']:.3f})"
+    print(line)

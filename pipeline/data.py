@@ -1,0 +1,399 @@
+"""Read preference data, streaming, and turn each row into a normalized pair or a readable rejection.
+
+Sources: a JSONL / JSON / Parquet / CSV file, a directory of them, or a `datasets` dataset saved with
+`save_to_disk`. Every reader yields rows one at a time (record batches or lines underneath), so memory does
+not grow with the dataset.
+
+Row formats (detected per row, after column mapping):
+  explicit        prompt, chosen, rejected are strings
+  conversational  prompt is a list of messages; chosen/rejected are lists of assistant messages (TRL format)
+                  or plain strings (taken as one assistant message)
+  implicit        no prompt: chosen/rejected are whole texts (split at their longest common prefix) or whole
+                  conversations (split at the last assistant turn), as in HH-RLHF / UltraFeedback-binarized
+"""
+
+import codecs
+import csv
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from refcache import UserError
+
+FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+BATCH_ROWS = 1024  # rows per record batch for columnar readers
+
+
+@dataclass
+class RawRow:
+    """One input row: its global row number, the file it came from, and the record (or why it is unreadable)."""
+
+    index: int
+    file: str
+    record: dict | None
+    error: str | None = None
+
+
+@dataclass
+class Pair:
+    """A normalized preference pair. Text fields are str, or lists of {role, content} messages."""
+
+    index: int
+    file: str
+    pair_id: str
+    kind: str  # explicit | conversational | implicit-text | implicit-conversation
+    prompt: str | list
+    chosen: str | list
+    rejected: str | list
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Source:
+    """A data path, opened: knows its files, their hash and how to stream rows out of them."""
+
+    def __init__(self, path, columns=None):
+        self.path = Path(path)
+        self.columns = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such file or directory")
+        if self.path.is_dir() and _is_saved_dataset(self.path):
+            self.kind = "datasets"
+            self.files = sorted(p for p in self.path.rglob("*") if p.is_file())
+        elif self.path.is_dir():
+            self.kind = "directory"
+            self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
+            if not self.files:
+                raise UserError(f"{self.path}: directory has no .jsonl/.json/.parquet/.csv files")
+        elif self.path.suffix in FILE_SUFFIXES:
+            self.kind = FILE_SUFFIXES[self.path.suffix]
+            self.files = [self.path]
+        else:
+            raise UserError(f"{self.path}: unsupported file type (use .jsonl, .json, .parquet, .csv, a directory "
+                            "of them, or a datasets.save_to_disk directory)")
+        for f in self.files:
+            if not os.access(f, os.R_OK):
+                raise UserError(f"{f}: file is not readable")
+
+    def sha256(self) -> str:
+        """sha256 over the input bytes (file names relative to the source, then contents), streamed."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(str(f.relative_to(self.path) if f != self.path else f.name).encode() + b"\0")
+            try:
+                with open(f, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+            except OSError as e:
+                raise UserError(f"{f}: cannot read ({e.strerror})") from None
+        return h.hexdigest()
+
+    def approx_rows(self) -> int | None:
+        """A cheap row count for progress bars (None when unknown)."""
+        try:
+            if self.kind == "datasets":
+                return _load_dataset(self.path).num_rows
+            total = 0
+            for f in self.files:
+                if f.suffix == ".parquet":
+                    import pyarrow.parquet as pq
+
+                    total += pq.ParquetFile(f).metadata.num_rows
+                elif f.suffix in (".jsonl", ".csv"):
+                    with open(f, "rb") as fh:
+                        total += sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
+                else:
+                    return None
+            return total
+        except Exception:
+            return None
+
+    def describe(self) -> dict:
+        return {"source": str(self.path.resolve()), "format": self.kind, "files": len(self.files)}
+
+    def rows(self):
+        """Yield RawRow for every input row, numbered 0.. across files (files in name order)."""
+        index = 0
+        if self.kind == "datasets":
+            files = [(self.path, _iter_saved_dataset(self.path))]
+        else:
+            files = [(f, _READERS[FILE_SUFFIXES[f.suffix]](f)) for f in self.files]
+        for f, it in files:
+            name = str(f.relative_to(self.path)) if f != self.path else f.name
+            for record, error in it:
+                yield RawRow(index, name, record, error)
+                index += 1
+
+
+def _is_saved_dataset(d: Path) -> bool:
+    return (d / "dataset_info.json").exists() or (d / "state.json").exists() or (d / "dataset_dict.json").exists()
+
+
+def _load_dataset(d: Path):
+    if (d / "dataset_dict.json").exists():
+        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        raise UserError(f"{d}: a DatasetDict with splits {splits}; point at one split, e.g. {d / splits[0]}"
+                        if splits else f"{d}: a DatasetDict; point at one split directory")
+    try:
+        import datasets
+
+        return datasets.load_from_disk(str(d))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{d}: cannot load the saved dataset ({type(e).__name__}: {e})") from None
+
+
+def _iter_saved_dataset(d: Path):
+    ds = _load_dataset(d)
+    for batch in ds.iter(batch_size=BATCH_ROWS):  # memory-mapped arrow, one batch at a time
+        yield from _batch_rows(batch)
+
+
+def _batch_rows(batch: dict):
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    for i in range(n):
+        yield {k: batch[k][i] for k in names}, None
+
+
+def _read_jsonl(f: Path):
+    try:
+        fh = open(f, "rb")
+    except OSError as e:
+        raise UserError(f"{f}: cannot open ({e.strerror})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue  # blank lines are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield None, f"line {lineno}: invalid UTF-8 at byte {e.start}"
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield None, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                continue
+            if not isinstance(rec, dict):
+                yield None, f"line {lineno}: expected a JSON object, got {type(rec).__name__}"
+                continue
+            yield rec, None
+
+
+def _read_json(f: Path):
+    """A top-level JSON array of objects, parsed one element at a time. (JSON Lines in a .json file also work.)"""
+    try:
+        fh = open(f, "rb")
+    except OSError as e:
+        raise UserError(f"{f}: cannot open ({e.strerror})") from None
+    with fh:
+        head = fh.read(4096).lstrip()
+        if head.startswith(b"\xef\xbb\xbf"):
+            head = head[3:].lstrip()
+        if head.startswith(b"{"):  # JSON Lines with a .json name (datasets' to_json writes these)
+            fh.close()
+            yield from _read_jsonl(f)
+            return
+        if not head.startswith(b"["):
+            raise UserError(f"{f}: expected a JSON array of objects (or JSON Lines)")
+        fh.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8-sig")("strict")
+        dec = json.JSONDecoder()
+        buf, pos, eof, started, n = "", 0, False, False, 0
+
+        def more():
+            nonlocal buf, pos, eof
+            block = fh.read(1 << 20)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{f}: invalid UTF-8 near element {n} ({e.reason}); fix the file or use JSONL, "
+                                "where bad lines are rejected one by one") from None
+            buf, pos = buf[pos:] + text, 0
+            eof = not block
+
+        while True:
+            skip = " \t\r\n," if started else " \t\r\n"  # commas separate elements inside the array
+            while pos < len(buf) and buf[pos] in skip:
+                pos += 1
+            if pos >= len(buf):
+                if eof:
+                    raise UserError(f"{f}: JSON array is not closed (file truncated?)")
+                more()
+                continue
+            if not started:
+                if buf[pos] != "[":
+                    raise UserError(f"{f}: expected a JSON array of objects")
+                started, pos = True, pos + 1
+                continue
+            if buf[pos] == "]":
+                return
+            try:
+                rec, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if not eof:
+                    more()
+                    continue
+                raise UserError(f"{f}: invalid JSON in element {n} ({e.msg}); fix the file or use JSONL") from None
+            pos = end
+            n += 1
+            yield (rec, None) if isinstance(rec, dict) else (None, f"element {n - 1}: expected a JSON object, "
+                                                                   f"got {type(rec).__name__}")
+
+
+def _read_parquet(f: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        raise UserError(f"{f}: not a readable Parquet file ({e})") from None
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+        for rec in batch.to_pylist():
+            yield rec, None
+
+
+def _read_csv(f: Path):
+    csv.field_size_limit(sys.maxsize)
+    try:
+        fh = open(f, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise UserError(f"{f}: cannot open ({e.strerror})") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        for i, rec in enumerate(reader):
+            bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
+            if bad:
+                yield None, f"CSV row {i + 1}: invalid UTF-8 in column {bad[0]!r}"
+                continue
+            if None in rec:
+                yield None, f"CSV row {i + 1}: more fields than the header has"
+                continue
+            yield {k: _maybe_messages(v) for k, v in rec.items()}, None
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _maybe_messages(v):
+    """CSV cells are strings; a cell holding a JSON list of messages is read as that list."""
+    if isinstance(v, str) and v.lstrip().startswith("[{"):
+        try:
+            val = json.loads(v)
+        except json.JSONDecodeError:
+            return v
+        if isinstance(val, list) and all(isinstance(m, dict) and "role" in m for m in val):
+            return val
+    return v
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}
+
+
+# ---------------------------------------------------------------- normalization
+
+
+class Reject(Exception):
+    """A row that cannot be used; the message is the readable reason."""
+
+
+def pair_id(prompt, chosen, rejected) -> str:
+    """Stable id of (prompt, chosen, rejected) as given: sha256 of canonical JSON, 32 hex chars."""
+    blob = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def normalize(row: RawRow, columns: dict) -> Pair:
+    """RawRow -> Pair, or raise Reject(reason)."""
+    if row.error:
+        raise Reject(row.error)
+    rec = row.record
+    pc, cc, rc = columns["prompt"], columns["chosen"], columns["rejected"]
+    for col in (cc, rc):
+        if col not in rec:
+            raise Reject(f"missing field {col!r} (fields: {', '.join(map(str, rec)) or 'none'})")
+    prompt, chosen, rejected = rec.get(pc), rec[cc], rec[rc]
+    for col, v in ((cc, chosen), (rc, rejected)):
+        _check_value(col, v, allow_empty=False)
+    if prompt is not None:
+        _check_value(pc, prompt, allow_empty=False)
+    pid = pair_id(prompt, chosen, rejected)
+
+    if prompt is None or (isinstance(prompt, str) and isinstance(chosen, list) and _is_whole_conversation(chosen)):
+        kind, (p, c, r) = _split_implicit(chosen, rejected, cc, rc)
+    elif isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        kind, p, c, r = "explicit", prompt, chosen, rejected
+    else:
+        kind = "conversational"
+        p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        c, r = (_as_assistant(v) for v in (chosen, rejected))
+    if c == r:
+        raise Reject("chosen and rejected are identical")
+    return Pair(row.index, row.file, pid, kind, p, c, r)
+
+
+def _check_value(col, v, allow_empty):
+    if v is None:
+        raise Reject(f"field {col!r} is null")
+    if isinstance(v, str):
+        if not allow_empty and not v.strip():
+            raise Reject(f"field {col!r} is empty")
+        return
+    if isinstance(v, list):
+        if not v:
+            raise Reject(f"field {col!r} is an empty list")
+        for i, m in enumerate(v):
+            if not isinstance(m, dict):
+                raise Reject(f"field {col!r}[{i}] is {type(m).__name__}, expected a message {{role, content}}")
+            if not isinstance(m.get("role"), str):
+                raise Reject(f"field {col!r}[{i}] has no 'role' string")
+            if not isinstance(m.get("content"), str):
+                raise Reject(f"field {col!r}[{i}] has no 'content' string")
+        return
+    raise Reject(f"field {col!r} is {type(v).__name__}, expected a string or a list of messages")
+
+
+def _is_whole_conversation(msgs) -> bool:
+    return any(m["role"] != "assistant" for m in msgs)
+
+
+def _as_assistant(v):
+    return [{"role": "assistant", "content": v}] if isinstance(v, str) else [_clean(m) for m in v]
+
+
+def _clean(m):
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _split_implicit(chosen, rejected, cc, rc):
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        for a, b in zip(chosen, rejected):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(chosen) - 1, len(rejected) - 1)  # leave each completion at least one character
+        if n <= 0 or not chosen[:n].strip():
+            raise Reject("no prompt field and chosen/rejected share no common prefix to use as the prompt "
+                         "(map the prompt column with --prompt-col)")
+        return "implicit-text", (chosen[:n], chosen[n:], rejected[n:])
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen, rejected = [_clean(m) for m in chosen], [_clean(m) for m in rejected]
+        last = [max((i for i, m in enumerate(x) if m["role"] == "assistant"), default=-1) for x in (chosen, rejected)]
+        if min(last) <= 0:
+            raise Reject(f"conversation in {cc if last[0] <= 0 else rc!r} has no assistant turn after the prompt")
+        if chosen[: last[0]] != rejected[: last[1]]:
+            raise Reject("chosen and rejected conversations differ before their last assistant turn")
+        return "implicit-conversation", (chosen[: last[0]], chosen[last[0]:], rejected[last[1]:])
+    raise Reject(f"fields {cc!r} and {rc!r} must both be strings or both be message lists")

@@ -1,0 +1,147 @@
+"""Tokenize pairs once, with an exact prompt/completion boundary, EOS and truncation.
+
+Boundary rule: prompt+completion is tokenized as one text (the tokens the model sees), and the prompt ids are
+the longest run of leading tokens that (a) both the chosen and the rejected tokenization share and (b) equal
+the prompt's own tokenization. Everything after that run is completion. So `prompt_ids + chosen_ids` is always
+exactly `tokenize(prompt_text + chosen_text)` (+ EOS); a token that BPE merges across the boundary (e.g.
+"Answer: " + "4" -> "Answer:", " 4") goes to the completion, never split.
+
+Conversations are rendered with the tokenizer's chat template: the prompt with `add_generation_prompt=True`,
+the whole conversation without; the prompt rendering must be a prefix of the conversation's. Rendered text
+already holds its special tokens, so it is tokenized with add_special_tokens=False; plain text uses the
+tokenizer's default special tokens (e.g. BOS).
+
+Truncation (TRL's convention): when prompt + longer completion > max_length, the prompt is cut to
+max_prompt_length (keep_end: its last tokens; keep_start: its first), then completions are cut from the right
+to fit. EOS is appended to completions that do not already end with it (and may be cut by truncation).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data import Pair, Reject
+
+
+@dataclass
+class Tokenized:
+    pair: Pair
+    prompt_ids: list
+    chosen_ids: list
+    rejected_ids: list
+    truncated: bool
+
+    @property
+    def shared_prefix_len(self) -> int:
+        n = 0
+        for a, b in zip(self.chosen_ids, self.rejected_ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+def settings(tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
+    """What goes into the manifest's `tokenization` block."""
+    return {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_mode": truncation_mode,
+        "completion_truncation": "keep_start",
+        "eos": "appended to each completion unless it already ends with eos_token_id",
+        "eos_token_id": tokenizer.eos_token_id,
+        "boundary": "joint tokenization of prompt+completion; prompt = shared leading tokens",
+        "special_tokens": "tokenizer default for plain text; none added to chat-template text",
+        "chat_template": "tokenizer's own (see tokenizer.chat_template_sha256)" if tokenizer.chat_template
+        else None,
+    }
+
+
+class PairTokenizer:
+    def __init__(self, tokenizer, max_length=1024, max_prompt_length=512, truncation_mode="keep_end"):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token_id")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.truncation_mode = truncation_mode
+
+    def texts(self, pair: Pair):
+        """(prompt_text, chosen_full_text, rejected_full_text, add_special_tokens)."""
+        if isinstance(pair.prompt, str):
+            return pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected, True
+        if not self.tok.chat_template:
+            raise Reject("conversational row but the tokenizer has no chat template")
+        try:
+            p = self.tok.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+            c = self.tok.apply_chat_template(pair.prompt + pair.chosen, tokenize=False)
+            r = self.tok.apply_chat_template(pair.prompt + pair.rejected, tokenize=False)
+        except Exception as e:
+            raise Reject(f"chat template failed: {type(e).__name__}: {e}") from None
+        if not (c.startswith(p) and r.startswith(p)):
+            p = self.tok.apply_chat_template(pair.prompt, tokenize=False)  # templates without a generation prompt
+            if not (c.startswith(p) and r.startswith(p)):
+                raise Reject("chat template does not render the prompt as a prefix of the whole conversation")
+        return p, c, r, False
+
+    def __call__(self, pairs: list[Pair]):
+        """Tokenize a batch. Returns (list[Tokenized], list[(Pair, reason)])."""
+        kept, rejected, texts = [], [], []
+        for pair in pairs:
+            try:
+                texts.append((pair, self.texts(pair)))
+            except Reject as e:
+                rejected.append((pair, str(e)))
+        for special in (True, False):
+            group = [(pair, t) for pair, t in texts if t[3] == special]
+            if not group:
+                continue
+            flat = [s for _, t in group for s in t[:3]]
+            ids = self.tok(flat, add_special_tokens=special)["input_ids"]
+            for j, (pair, _) in enumerate(group):
+                try:
+                    kept.append(self._one(pair, ids[3 * j], ids[3 * j + 1], ids[3 * j + 2]))
+                except Reject as e:
+                    rejected.append((pair, str(e)))
+        kept.sort(key=lambda t: t.pair.index)
+        return kept, rejected
+
+    def _one(self, pair, p, c, r) -> Tokenized:
+        n = 0
+        for a, b, d in zip(p, c, r):
+            if not (a == b == d):
+                break
+            n += 1
+        if n == 0:
+            raise Reject("the prompt's first token merges with the completion: no prompt token to condition on")
+        prompt, chosen, rejected = c[:n], c[n:], r[n:]
+        eos = self.tok.eos_token_id
+        chosen = chosen if chosen and chosen[-1] == eos else chosen + [eos]
+        rejected = rejected if rejected and rejected[-1] == eos else rejected + [eos]
+        if len(prompt) > self.max_length:
+            raise Reject(f"prompt has {len(prompt)} tokens, longer than max_length {self.max_length} "
+                         "(raise --max-length or shorten the prompt)")
+        truncated = False
+        if len(prompt) + max(len(chosen), len(rejected)) > self.max_length:
+            if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
+                k = self.max_prompt_length
+                prompt = prompt[-k:] if self.truncation_mode == "keep_end" else prompt[:k]
+                truncated = True
+            room = self.max_length - len(prompt)
+            if room < 1:
+                raise Reject(f"prompt has {len(prompt)} tokens, leaving no room for the completion within "
+                             f"max_length {self.max_length} (set --max-prompt-length)")
+            if max(len(chosen), len(rejected)) > room:
+                chosen, rejected, truncated = chosen[:room], rejected[:room], True
+            if chosen == rejected:
+                raise Reject(f"chosen and rejected are identical after truncation to max_length {self.max_length}")
+        return Tokenized(pair, prompt, chosen, rejected, truncated)
+
+
+def sequences(batch: list[Tokenized]):
+    """The 2*B token sequences to score (chosen then rejected per pair) and where each completion starts."""
+    seqs, starts = [], []
+    for t in batch:
+        seqs += [t.prompt_ids + t.chosen_ids, t.prompt_ids + t.rejected_ids]
+        starts += [len(t.prompt_ids)] * 2
+    return seqs, np.asarray(starts)

@@ -1,0 +1,291 @@
+"""A read-only DuckDB connection with views over stage-1 caches and stage-2 run directories.
+
+Views (all read straight from the Parquet files, nothing is copied):
+
+  pairs          union of the caches' part-*.parquet, plus `cache` (the cache dir name) and
+                 `length_diff = chosen_len - rejected_len`
+  rejected_rows  union of the caches' rejected_rows.parquet, plus `cache`
+  steps          union of the runs' steps.parquet, plus `run` (the run dir name)
+  examples       union of the runs' examples/*.parquet, plus `run`
+  runs           one row per run from config.json and summary.json (loss, beta, lr, cache paths, ...)
+  view_sources   how many Parquet sources each view has (0 = empty view); attached: the dirs behind them
+
+After the views are made the connection may only read files under the given directories
+(`enable_external_access = false`, `allowed_directories`) and its configuration is locked.
+`run_sql` additionally refuses any statement that is not a read (see `check_read_only`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
+from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
+from refcache import UserError
+
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.float64(): "DOUBLE",
+               pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN", pa.list_(pa.int32()): "INTEGER[]",
+               pa.list_(pa.float32()): "FLOAT[]"}
+
+# `runs` view columns: name -> (keys tried in config.json, then summary.json, DuckDB type)
+_RUN_FIELDS = {
+    "run_id": (("run_id", "name"), "VARCHAR"),
+    "loss": (("loss", "loss_type", "loss_name"), "VARCHAR"),
+    "beta": (("beta",), "DOUBLE"),
+    "label_smoothing": (("label_smoothing",), "DOUBLE"),
+    "lr": (("lr", "learning_rate"), "DOUBLE"),
+    "batch_size": (("batch_size",), "BIGINT"),
+    "steps": (("steps", "max_steps", "total_steps"), "BIGINT"),
+    "epochs": (("epochs",), "DOUBLE"),
+    "seed": (("seed",), "BIGINT"),
+    "dtype": (("dtype",), "VARCHAR"),
+    "model": (("model", "model_path", "policy"), "VARCHAR"),
+    "cache": (("cache", "cache_path", "train_cache"), "VARCHAR"),
+    "eval_cache": (("eval_cache", "eval_cache_path"), "VARCHAR"),
+    "cache_fingerprint": (("cache_fingerprint", "fingerprint"), "VARCHAR"),
+    "live_ref": (("live_ref",), "BOOLEAN"),
+    "final_loss": (("final_loss", "loss_final"), "DOUBLE"),
+}
+
+
+def _lit(s) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _empty_select(schema: pa.Schema, extra: str) -> str:
+    cols = ", ".join(f"NULL::{_DUCK_TYPES[f.type]} AS \"{f.name}\"" for f in schema)
+    return f"SELECT NULL::VARCHAR AS {extra}, {cols} WHERE false"
+
+
+def _check_parquet(path: Path, schema: pa.Schema, what: str):
+    """Footer check: readable and has the contract's columns. Names the file and what to do."""
+    try:
+        have = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: cannot read this {what} Parquet file ({str(e).splitlines()[0]}); "
+                        f"it is corrupt or was cut off: re-create it or remove it") from None
+    missing = [f.name for f in schema if f.name not in have.names]
+    if missing:
+        raise UserError(f"{path}: this {what} file lacks column(s) {', '.join(missing)}: "
+                        f"it was not written by this refcache version")
+
+
+def _unique_names(dirs):
+    names, seen = [], {}
+    for d in dirs:
+        n = d.name
+        if n in seen:  # same dir name twice: qualify with the parent
+            n = f"{d.parent.name}/{d.name}"
+        seen[n] = d
+        names.append(n)
+    if len(set(names)) != len(names):
+        raise UserError(f"two directories share the name(s) {sorted({n for n in names if names.count(n) > 1})}; "
+                        "give each run or cache a distinct name")
+    return names
+
+
+def _find_cache_path(value, run_dir: Path):
+    if not value:
+        return None
+    p = Path(value)
+    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, run_dir / p, run_dir.parent / p]):
+        if (cand / "manifest.json").exists() or any(cand.glob("part-*.parquet")):
+            return cand.resolve()
+    return None
+
+
+def _lookup(d: dict, keys):
+    for k in keys:
+        if k in d and not isinstance(d[k], (dict, list)):
+            return d[k]
+    for v in d.values():  # one level of nesting (e.g. {"train": {"beta": ...}})
+        if isinstance(v, dict):
+            for k in keys:
+                if k in v and not isinstance(v[k], (dict, list)):
+                    return v[k]
+    return None
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore or delete it") from None
+
+
+def load_run_dir(run) -> dict:
+    """Validate one run directory; return {dir, config, summary, steps (file or None), examples (files)}."""
+    d = Path(run).expanduser()
+    if not d.is_dir():
+        raise UserError(f"{run}: no such run directory (expected the --out of `refcache train`)")
+    steps = d / "steps.parquet"
+    examples = sorted((d / "examples").glob("*.parquet"))
+    if not steps.exists() and not examples:
+        raise UserError(f"{run}: not a run directory (no steps.parquet and no examples/*.parquet); "
+                        "pass the --out of `refcache train`")
+    if steps.exists():
+        _check_parquet(steps, STEPS_SCHEMA, "steps")
+    for f in examples:
+        _check_parquet(f, EXAMPLES_SCHEMA, "examples")
+    return {"dir": d.resolve(), "config": _read_json(d / "config.json"), "summary": _read_json(d / "summary.json"),
+            "steps": steps.resolve() if steps.exists() else None, "examples": examples}
+
+
+def load_cache_dir(cache) -> dict:
+    d = Path(cache).expanduser()
+    if not d.is_dir():
+        raise UserError(f"{cache}: no such cache directory (expected the --out of `refcache precompute`)")
+    parts = sorted(d.glob("part-*.parquet"))
+    if not parts:
+        raise UserError(f"{cache}: not a cache directory (no part-*.parquet); "
+                        "pass the --out of `refcache precompute`")
+    for f in parts:
+        _check_parquet(f, CACHE_SCHEMA, "cache")
+    rej = d / "rejected_rows.parquet"
+    if rej.exists():
+        _check_parquet(rej, REJECTED_SCHEMA, "rejected-rows")
+    return {"dir": d.resolve(), "parts": parts, "rejected": rej if rej.exists() else None,
+            "manifest": _read_json(d / "manifest.json")}
+
+
+def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB with the views above. `caches=None` attaches the caches the runs' configs name."""
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    if isinstance(caches, (str, Path)):
+        caches = [caches]
+    run_info = [load_run_dir(r) for r in runs]
+    if caches is None:
+        found = []
+        for r in run_info:
+            for key in ("cache", "eval_cache"):
+                p = _find_cache_path(_lookup(r["config"], _RUN_FIELDS[key][0]), r["dir"])
+                if p and p not in found:
+                    found.append(p)
+        caches = found
+    cache_info, seen = [], set()
+    for c in caches:
+        info = load_cache_dir(c)
+        if info["dir"] not in seen:
+            seen.add(info["dir"])
+            cache_info.append(info)
+
+    con = duckdb.connect(":memory:")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    run_names = _unique_names([r["dir"] for r in run_info])
+    cache_names = _unique_names([c["dir"] for c in cache_info])
+
+    def union(selects, empty):
+        return " UNION ALL BY NAME ".join(selects) if selects else empty
+
+    pairs = [f"SELECT {_lit(n)} AS cache, *, chosen_len - rejected_len AS length_diff "
+             f"FROM read_parquet({_lit(c['dir'] / 'part-*.parquet')})" for n, c in zip(cache_names, cache_info)]
+    empty_pairs = (_empty_select(CACHE_SCHEMA, "cache").replace(" WHERE false", "") +
+                   ", NULL::INTEGER AS length_diff WHERE false")
+    con.execute(f"CREATE VIEW pairs AS {union(pairs, empty_pairs)}")
+    rejected = [f"SELECT {_lit(n)} AS cache, * FROM read_parquet({_lit(c['rejected'])})"
+                for n, c in zip(cache_names, cache_info) if c["rejected"]]
+    con.execute(f"CREATE VIEW rejected_rows AS {union(rejected, _empty_select(REJECTED_SCHEMA, 'cache'))}")
+    steps = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_lit(r['steps'])})"
+             for n, r in zip(run_names, run_info) if r["steps"]]
+    con.execute(f"CREATE VIEW steps AS {union(steps, _empty_select(STEPS_SCHEMA, 'run'))}")
+    examples = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_lit(r['dir'] / 'examples' / '*.parquet')})"
+                for n, r in zip(run_names, run_info) if r["examples"]]
+    con.execute(f"CREATE VIEW examples AS {union(examples, _empty_select(EXAMPLES_SCHEMA, 'run'))}")
+
+    rows = []
+    for n, r in zip(run_names, run_info):
+        row = {"run": n, "run_dir": str(r["dir"])}
+        for col, (keys, _) in _RUN_FIELDS.items():
+            v = _lookup(r["config"], keys)
+            if v is None:
+                v = _lookup(r["summary"], keys)
+            row[col] = v
+        row["finished"] = bool(r["summary"])
+        row["config_json"] = json.dumps(r["config"])
+        row["summary_json"] = json.dumps(r["summary"])
+        rows.append(row)
+    cols = ["run VARCHAR", "run_dir VARCHAR"] + [f"{c} {t}" for c, (_, t) in _RUN_FIELDS.items()] + \
+        ["finished BOOLEAN", "config_json VARCHAR", "summary_json VARCHAR"]
+    names = [c.split()[0] for c in cols]
+    values = ", ".join(
+        "(" + ", ".join(f"TRY_CAST({_lit(row[k]) if row[k] is not None else 'NULL'} AS {c.split()[1]})"
+                        for k, c in zip(names, cols)) + ")" for row in rows)
+    if values:
+        con.execute(f"CREATE VIEW runs AS SELECT * FROM (VALUES {values}) AS t({', '.join(names)})")
+    else:
+        con.execute("CREATE VIEW runs AS SELECT " + ", ".join(f"NULL::{c.split()[1]} AS {c.split()[0]}"
+                                                              for c in cols) + " WHERE false")
+    srcs = [("pairs", len(pairs)), ("rejected_rows", len(rejected)), ("steps", len(steps)),
+            ("examples", len(examples)), ("runs", len(rows))]
+    con.execute("CREATE VIEW view_sources AS SELECT * FROM (VALUES " +
+                ", ".join(f"({_lit(v)}, {k})" for v, k in srcs) + ") AS t(view_name, n_sources)")
+    attached = [("run", n, str(r["dir"])) for n, r in zip(run_names, run_info)] + \
+        [("cache", n, str(c["dir"])) for n, c in zip(cache_names, cache_info)]
+    con.execute("CREATE VIEW attached AS " + (
+        "SELECT * FROM (VALUES " + ", ".join(f"({_lit(k)}, {_lit(n)}, {_lit(d)})" for k, n, d in attached) +
+        ") AS t(kind, name, dir)" if attached else
+        "SELECT NULL::VARCHAR AS kind, NULL::VARCHAR AS name, NULL::VARCHAR AS dir WHERE false"))
+
+    # From here on the connection reads only these directories and cannot be reconfigured.
+    dirs = [str(r["dir"]) + "/" for r in run_info] + [str(c["dir"]) + "/" for c in cache_info]
+    if dirs:
+        con.execute(f"SET allowed_directories = [{', '.join(_lit(d) for d in dirs)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def view_sources(con) -> dict:
+    """{view name: number of Parquet sources behind it} (0 = the view is empty)."""
+    return dict(con.execute("SELECT view_name, n_sources FROM view_sources").fetchall())
+
+
+def attached(con) -> list:
+    """[(kind 'run'|'cache', name, absolute dir)] behind this connection's views."""
+    return con.execute("SELECT kind, name, dir FROM attached").fetchall()
+
+
+_READ_PRAGMAS = {"show_tables", "show_tables_expanded", "table_info", "show", "database_list", "version",
+                 "storage_info", "functions", "collations", "platform", "metadata_info", "user_agent"}
+
+
+def check_read_only(sql: str) -> list:
+    """Split `sql` into statements; refuse anything that is not a read. Returns the statements."""
+    try:
+        stmts = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise UserError(one_line(e)) from None
+    if not stmts:
+        raise UserError("empty SQL: give one SELECT statement")
+    if len(stmts) > 1:
+        raise UserError(f"{len(stmts)} statements given: give exactly one read (SELECT/WITH/DESCRIBE/SHOW/EXPLAIN)")
+    st = stmts[0]
+    kind = st.type
+    text = st.query.strip().rstrip(";")
+    if kind == duckdb.StatementType.SELECT:
+        return stmts
+    if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN [ANALYZE] runs its inner statement: check that too
+        inner = re.sub(r"^\s*explain\s+(analy[sz]e\s+)?", "", text, flags=re.IGNORECASE)
+        if inner != text:
+            check_read_only(inner)
+            return stmts
+    if kind == duckdb.StatementType.PRAGMA:
+        m = re.match(r"\s*pragma\s+(\w+)", text, flags=re.IGNORECASE)
+        if m and m.group(1).lower() in _READ_PRAGMAS:
+            return stmts
+    word = text.split()[0].upper() if text.split() else "?"
+    raise UserError(f"{word} refused: queries are read-only (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, "
+                    "PRAGMA show_tables/table_info); nothing may change a cache or run")
+
+
+def one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:3]) if lines else type(e).__name__

@@ -1,0 +1,164 @@
+"""`refcache query` / `sql`: output formats, read-only enforcement, one-line errors for bad input."""
+
+import argparse
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+import queries
+from queries import cli
+from queries.synth import make_world
+from refcache import UserError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cliworld")
+    return make_world(root, runs=(("r1", 0.1),), steps=60, probe_every=10, n_probe=16)
+
+
+def run_cli(argv, capsys):
+    """The queries subcommands through argparse, as the `refcache` dispatcher runs them."""
+    parser = argparse.ArgumentParser(prog="refcache")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    rc = args.func(args)
+    return rc, capsys.readouterr().out
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(UserError) as e:
+        run_cli(argv, capsys)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+def tree_digest(*dirs) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def test_list_and_formats(world, capsys, tmp_path):
+    rc, out = run_cli(["query"], capsys)
+    assert rc == 0
+    for name in ("drift", "displacement", "collapse", "length", "compare", "cache_overview", "train_eval_gap"):
+        assert f"\n{name} " in "\n" + out
+    assert "--param min_falls=3" in out
+
+    run = world["runs"][0]
+    rc, out = run_cli(["query", "drift", "--run", run, "--format", "csv"], capsys)
+    df = pl.read_csv(out.encode())
+    want = queries.run_query(queries.connect([run]), "drift")
+    assert df.shape == want.shape and df["chosen_drift_mean"].to_list() == pytest.approx(
+        want["chosen_drift_mean"].to_list())
+    rc, out = run_cli(["query", "collapse", "--run", run, "--param", "min_falls=2", "min_accuracy=0.5",
+                       "--format", "json"], capsys)
+    rows = json.loads(out)
+    assert rows and all(r["n_falls"] >= 2 for r in rows)
+    _, out = run_cli(["query", "length", "--run", run], capsys)
+    assert "corr_summed" in out and "rows" in out
+    pq_out = tmp_path / "d.parquet"
+    run_cli(["query", "displacement", "--run", run, "--format", "parquet", "--output", pq_out], capsys)
+    assert pl.read_parquet(pq_out).height == queries.run_query(queries.connect([run]), "displacement").height
+    rc, out = run_cli(["sql", "SELECT split, count(*) AS n FROM examples GROUP BY split ORDER BY split",
+                       "--run", run, "--format", "csv"], capsys)
+    assert out.splitlines()[0] == "split,n" and len(out.splitlines()) == 3
+
+
+def test_cache_only_query(world, capsys):
+    _, out = run_cli(["query", "cache_overview", "--cache", world["cache"], "--format", "csv"], capsys)
+    assert "chosen_logp_per_token_p50" in out
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY examples TO '{run}/examples/evil.parquet'",
+    "COPY (SELECT 1) TO '{run}/steps.parquet'",
+    "CREATE TABLE t AS SELECT 1",
+    "INSERT INTO t VALUES (1)",
+    "ATTACH '{run}/x.db' AS x",
+    "SET enable_external_access = true",
+    "EXPORT DATABASE '{run}/exp'",
+    "SELECT 1; COPY (SELECT 1) TO '{run}/y.csv'",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{run}/z.csv'",
+    "PRAGMA enable_profiling",
+    "INSTALL httpfs",
+    "CALL pragma_version()",
+])
+def test_sql_refuses_writes(world, capsys, sql):
+    run = world["runs"][0]
+    before = tree_digest(run, world["cache"])
+    msg = error_of(["sql", sql.format(run=run), "--run", run], capsys)
+    assert "refused" in msg or "statements" in msg
+    assert tree_digest(run, world["cache"]) == before
+
+
+def test_connection_is_locked_and_sandboxed(world, tmp_path):
+    con = queries.connect(world["runs"])
+    with pytest.raises(duckdb.Error):
+        con.execute("SET enable_external_access = true")  # configuration is locked
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a\n1\n")
+    with pytest.raises(duckdb.Error):
+        con.execute(f"SELECT * FROM read_csv('{outside}')")  # only the attached dirs are readable
+    with pytest.raises(duckdb.Error):
+        con.execute(f"COPY (SELECT 1) TO '{tmp_path}/x.csv'")
+    for ok in ["DESCRIBE examples", "SHOW TABLES", "EXPLAIN SELECT * FROM steps", "PRAGMA show_tables",
+               "WITH a AS (SELECT 1 AS x) SELECT * FROM a", "SUMMARIZE steps"]:
+        assert queries.run_sql(con, ok).height >= 1
+
+
+def test_output_inside_run_refused(world, capsys):
+    run = world["runs"][0]
+    msg = error_of(["query", "drift", "--run", run, "--format", "csv", "--output", run / "steps.parquet"], capsys)
+    assert "inside the run directory" in msg
+    msg = error_of(["query", "drift", "--run", run, "--format", "parquet"], capsys)
+    assert "--output" in msg
+
+
+def test_bad_input_messages(world, capsys, tmp_path):
+    run = world["runs"][0]
+    assert "did you mean drift" in error_of(["query", "drfit", "--run", run], capsys)
+    assert "malformed" in error_of(["query", "collapse", "--run", run, "--param", "min_falls"], capsys)
+    assert "must be an integer" in error_of(["query", "collapse", "--run", run, "--param", "min_falls=two"], capsys)
+    assert "must be in" in error_of(["query", "collapse", "--run", run, "--param", "min_accuracy=1.5"], capsys)
+    assert "must be one of" in error_of(["query", "displacement", "--run", run, "--param", "split=test"], capsys)
+    assert "unknown parameter 'beta'" in error_of(["query", "drift", "--run", run, "--param", "beta=1"], capsys)
+    assert "not a run directory" in error_of(["query", "drift", "--run", tmp_path], capsys)
+    assert "no such run directory" in error_of(["query", "drift", "--run", tmp_path / "nope"], capsys)
+    assert "not a cache directory" in error_of(["query", "cache_overview", "--cache", tmp_path], capsys)
+    msg = error_of(["sql", "SELECT * FROM stepz", "--run", run], capsys)
+    assert "stepz" in msg and "views: pairs" in msg
+    # a run whose config names no existing cache: queries that need pairs say what to pass
+    lone = tmp_path / "lone"
+    shutil.copytree(run, lone)
+    cfg = json.loads((lone / "config.json").read_text())
+    cfg["cache"] = cfg["eval_cache"] = str(tmp_path / "gone")
+    (lone / "config.json").write_text(json.dumps(cfg))
+    assert "--cache CACHE" in error_of(["query", "displacement", "--run", lone], capsys)
+    assert "--run RUN" in error_of(["query", "drift", "--cache", world["cache"]], capsys)
+
+
+def test_corrupt_parquet_is_one_line(world, capsys, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(world["runs"][0], bad)
+    part = min((bad / "examples").glob("*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])  # cut off mid-write: no footer
+    msg = error_of(["query", "drift", "--run", bad], capsys)
+    assert str(part) in msg and "corrupt" in msg
+    # valid footer but damaged column data: caught when the query reads it, and the file is named
+    end = len(data) - struct.unpack("<I", data[-8:-4])[0] - 8
+    part.write_bytes(data[:4] + bytes(b ^ 0x5A for b in data[4:end]) + data[end:])
+    with pytest.raises(UserError) as e:
+        queries.run_query(queries.connect([bad], caches=[]), "drift")
+    assert "\n" not in str(e.value) and str(part) in str(e.value) and "corrupt" in str(e.value)
+    # a file that is not Parquet at all
+    (bad / "steps.parquet").write_text("not parquet")
+    assert "steps.parquet" in error_of(["query", "drift", "--run", bad], capsys)

@@ -1,0 +1,90 @@
+"""`refcache report`: one self-contained HTML page with the expected plots (inline and as files) and the top
+displaced pairs with their text, decoded with the tokenizer the cache manifest names."""
+
+import argparse
+import base64
+import json
+import re
+import shutil
+import struct
+
+import polars as pl
+import pytest
+
+import queries
+from queries import cli
+from queries.report import write_report
+from queries.synth import make_world
+
+PLOTS = ["drift.png", "shares.png", "margin_accuracy.png", "length.png", "loss.png"]
+
+
+def png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repworld")
+    w = make_world(root, runs=(("beta0.1", 0.1), ("beta0.5", 0.5)), steps=80, probe_every=10, n_probe=20)
+    # a word-level tokenizer (ids 0..599 -> "w0".."w599") the cache manifest points at, so pair text decodes
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(600)}, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(root / "tok")
+    for c in ("cache", "eval_cache"):
+        mf = json.loads((w[c] / "manifest.json").read_text())
+        mf["model"] = {"path": str(root / "tok")}
+        (w[c] / "manifest.json").write_text(json.dumps(mf))
+    return w
+
+
+def test_report_html_and_plots(world, tmp_path):
+    path = write_report(world["runs"], out_dir=tmp_path / "rep", top=5)
+    page = path.read_text()
+    inline = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(inline) == len(PLOTS)
+    for name, b64 in zip(PLOTS, inline):
+        data = (tmp_path / "rep" / name).read_bytes()
+        assert base64.b64decode(b64) == data  # the page is self-contained and matches the files beside it
+        w, h = png_size(data)
+        assert w >= 1000 and h >= 300
+    assert "src='http" not in page and "<script" not in page
+    # the findings and the collapse table
+    for line in queries.findings(queries.connect(world["runs"])):
+        assert line.split(":")[0] in page
+    assert "Reward-collapse alarm windows" in page and "alarm_step" in page
+    # the top displaced pairs, with text decoded by the manifest's tokenizer
+    disp = queries.run_query(queries.connect(world["runs"]), "displacement", {"limit": 5})
+    assert disp.height == 10
+    pairs = pl.read_parquet(world["cache"] / "part-*.parquet")
+    top = disp.filter(pl.col("cache") == "cache").row(0, named=True)
+    ids = pairs.filter(pl.col("pair_id") == top["pair_id"])["chosen_ids"].to_list()[0]
+    k = top["shared_prefix_len"]
+    tail = " ".join(f"w{i}" for i in ids[k:])[:60]
+    assert tail in page and "decoded with the cache's tokenizer" in page
+    assert "Run comparison" in page  # two runs: compare table
+
+
+def test_report_cli_falls_back_to_ids(world, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="refcache")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    caches = []
+    for c in ("cache", "eval_cache"):  # copies whose manifest names a model that is not a local directory
+        shutil.copytree(world[c], tmp_path / c)
+        mf = json.loads((tmp_path / c / "manifest.json").read_text())
+        mf["model"] = {"path": "some-org/not-here"}
+        (tmp_path / c / "manifest.json").write_text(json.dumps(mf))
+        caches.append(str(tmp_path / c))
+    args = parser.parse_args(["report", str(world["runs"][0]), "--cache", *caches, "--out", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    assert "report:" in capsys.readouterr().out
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "token ids: the tokenizer named in the cache manifest is not a loadable" in page
+    assert "Run comparison" not in page
+    assert all((tmp_path / "r" / p).stat().st_size > 10_000 for p in PLOTS)
