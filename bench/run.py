@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
-import matmul  # noqa: E402
-import workload as wl  # noqa: E402
+import matmul
+import workload as wl
 
 PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "trl_live", "sweep_refcache", "sweep_trl",
           "queries"]
@@ -90,7 +90,7 @@ def script_flags(script):
     """The --flags a script accepts, read from its --help (so this file follows their interface)."""
     try:
         out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
-                             cwd=ROOT)
+                             cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
         return set()
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
@@ -329,8 +329,9 @@ def stage1_rows(st, w, rates):
             continue
         dt = norm_dtype(d["dtype"])
         flops = w["flops"] * pairs / w["n_pairs"]
+        # tokens/s recounted as prompt + chosen + rejected (as for TRL), whatever the script counted
         rows.append({"backend": str(d["backend"]), "dtype": dt, "seconds": secs, "pairs": pairs,
-                     "tokens_per_s": tps if tps else w["tokens_unique"] * pairs / w["n_pairs"] / secs,
+                     "tokens_per_s": w["tokens_unique"] * pairs / w["n_pairs"] / secs, "reported_tokens_per_s": tps,
                      "pairs_per_s": pairs / secs, "mfu": matmul.mfu(flops, secs, rates.get(dt)),
                      "postprocess_share": first(d, "postprocess_share", "post_share")})
     return rows
@@ -461,7 +462,7 @@ def met(value, op, target):
 def machine():
     info = {"python": platform.python_version(), "platform": platform.platform(), "cores": os.cpu_count()}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         m = re.search(r"Model name:\s*(.+)", out)
         info["cpu"] = m.group(1).strip() if m else platform.processor()
         flags = re.search(r"Flags:\s*(.+)", out)
@@ -484,7 +485,7 @@ def versions():
             pass
     try:
         v["refcache_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                              cwd=ROOT).stdout.strip()
+                                              cwd=ROOT, check=False).stdout.strip()
     except OSError:
         pass
     return v
@@ -504,9 +505,10 @@ def gib(b):
 
 def render(report):
     f, raw, s = report["figures"], report["raw"], report["settings"]
-    L = [BEGIN, "", f"Measured {report['finished']} by `bench/run.py`{' --quick (toy size)' if s['quick'] else ''} "
-                    f"in {report['wall_s'] / 60:.1f} min. Load average at start/end: "
-                    f"{report['loadavg'][0]:.1f} / {report['loadavg'][1]:.1f}.", "",
+    head = (f"Measured {report['finished']} by `bench/run.py`{' --quick (toy size)' if s['quick'] else ''} "
+            f"in {report['wall_s'] / 60:.1f} min. Load average at start/end: "
+            f"{report['loadavg'][0]:.1f} / {report['loadavg'][1]:.1f}.")
+    L = [BEGIN, "", head, "",
          "| figure | value | target | met? |", "|---|---|---|---|"]
     for k, op, v, what in TARGETS:
         m = report["targets"][k]["met"]
@@ -518,14 +520,15 @@ def render(report):
         L.append(f"Matmul bound ({mm['float32']['n']}² × {mm['float32']['n']}², {mm.get('threads')} threads): "
                  f"fp32 {mm['matmul_fp32_gflops']:,.0f} GFLOP/s, bf16 {mm['matmul_bf16_gflops']:,.0f} GFLOP/s.")
     if w:
-        L.append(f"Model FLOPs: {w['flops'] / 1e12:.2f} TFLOP to score the {w['n_pairs']} pairs once "
+        L.append(f"Model FLOPs: {w['flops'] / 1e9:,.1f} GFLOP to score the {w['n_pairs']} pairs once "
                  f"({w['flops_per_token_unique'] / 1e6:.1f} MFLOP per prompt/chosen/rejected token).")
-    L += ["", "| backend | dtype | pairs/s | tokens/s | seconds | MFU |", "|---|---|---|---|---|---|"]
+    L += ["", "tokens = prompt + chosen + rejected of each pair, the same count for every row.", "",
+          "| backend | dtype | pairs/s | tokens/s | seconds | MFU |", "|---|---|---|---|---|---|"]
     for r in raw.get("stage1", []):
         L.append(f"| {r['backend']} | {r['dtype']} | {fmt(r['pairs_per_s'], 1)} | {fmt(r['tokens_per_s'], 0)} | "
                  f"{fmt(r['seconds'], 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% |")
-    L += ["", "### Stage 2 — training step time and peak memory "
-              f"(batch {s['batch_size']}, median of steps after {s['warmup']} warm-up)", "",
+    L += ["", ("### Stage 2 — training step time and peak memory "
+               f"(batch {s['batch_size']}, median of steps after {s['warmup']} warm-up)"), "",
           "| trainer | reference | dtype | s/step | peak RSS GiB | MFU (est.) |", "|---|---|---|---|---|---|"]
     for r in raw.get("train", []):
         L.append(f"| refcache | {r['mode']} | {r['dtype']} | {fmt(r['step_s'])} | {fmt(gib(r['peak_rss_bytes']), 2)} | "
@@ -556,15 +559,15 @@ def render(report):
         L += [f"- `{k}`: {v['error']}" for k, v in failed.items()]
     m, v = report["machine"], report["versions"]
     L += ["", "### Machine, versions, settings", "",
-          f"- Machine: {m.get('cpu')} ({m.get('isa', '')}), {m['cores']} cores, {m['ram_gib']} GiB RAM; "
-          f"Python {m['python']}; {m['platform']}",
+          (f"- Machine: {m.get('cpu')} ({m.get('isa', '')}), {m['cores']} cores, {m['ram_gib']} GiB RAM; "
+           f"Python {m['python']}; {m['platform']}"),
           "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-          f"- Model: Llama, {w.get('params', 0) / 1e6:.1f}M parameters ({w.get('num_hidden_layers')} layers, hidden "
-          f"{w.get('hidden_size')}, head_dim {w.get('head_dim')}, vocab {w.get('vocab_size')}), fp32 weights",
+          (f"- Model: Llama, {w.get('params', 0) / 1e6:.1f}M parameters ({w.get('num_hidden_layers')} layers, "
+           f"hidden {w.get('hidden_size')}, head_dim {w.get('head_dim')}, vocab {w.get('vocab_size')}), fp32 weights"),
           f"- Pairs: {w.get('n_pairs')} (sweep: first {w.get('settings', {}).get('sweep_pairs')}); token lengths "
           + "; ".join(f"{k} {x['min']}–{x['max']} (median {x['median']})" for k, x in (w.get('length_stats') or {}).items()),
-          f"- Training: batch {s['batch_size']}, AdamW lr {s['lr']}, β {s['beta']}, {s['train_steps']} steps per "
-          f"configuration, threads {s['threads'] or 'torch default'}", "", END]
+          (f"- Training: batch {s['batch_size']}, AdamW lr {s['lr']}, β {s['beta']}, {s['train_steps']} steps per "
+           f"configuration, threads {s['threads'] or 'torch default'}"), "", END]
     return "\n".join(L)
 
 

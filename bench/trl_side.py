@@ -26,15 +26,16 @@ import time
 
 T_PROCESS = time.perf_counter()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import typing
+from pathlib import Path
 
 
 def rss_bytes():
@@ -63,7 +64,12 @@ def cmd_run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     import datasets
-    import trl
+
+    try:
+        import trl
+    except ImportError:
+        sys.exit("bench/trl_side.py: TRL is not installed; run `.venv/bin/pip install trl==1.16.0 --no-deps` "
+                 "(its other dependencies are already in the venv) or `make bench`")
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -77,7 +83,7 @@ def cmd_run(args):
     class TimedDPOTrainer(DPOTrainer):
         """DPOTrainer whose reference precompute pass is timed (it runs inside __init__)."""
 
-        precompute = []
+        precompute: typing.ClassVar[list] = []
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             lens = [len(p) + len(c) + len(r) for p, c, r in
@@ -152,13 +158,11 @@ def cmd_run(args):
 def run_child(argv, log_path=None):
     """Run one configuration in a child process; returns (wall seconds, the child's peak RSS from wait4)."""
     t0 = time.perf_counter()
-    log = open(log_path, "w") if log_path else None
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log or None,
-                            stderr=subprocess.STDOUT if log else None)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(log_path or os.devnull, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log if log_path else None,
+                                stderr=subprocess.STDOUT if log_path else None)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    if log:
-        log.close()
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         tail = Path(log_path).read_text().strip().splitlines()[-1:] if log_path else []

@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))
 
-FULL = dict(hidden=512, layers=9, heads=8, intermediate=1408, vocab=4096, steps=60, pairs=1000, sweep_pairs=256,
-            min_len=20, max_len=300, tokenizer_docs=20000)
-QUICK = dict(hidden=128, layers=4, heads=2, intermediate=352, vocab=512, steps=2, pairs=16, sweep_pairs=16,
-             min_len=20, max_len=120, tokenizer_docs=2000)
+FULL = {"hidden": 512, "layers": 9, "heads": 8, "intermediate": 1408, "vocab": 4096, "steps": 60, "pairs": 1000,
+        "sweep_pairs": 256, "min_len": 20, "max_len": 300, "tokenizer_docs": 20000}
+QUICK = {"hidden": 128, "layers": 4, "heads": 2, "intermediate": 352, "vocab": 512, "steps": 2, "pairs": 16,
+         "sweep_pairs": 16, "min_len": 20, "max_len": 120, "tokenizer_docs": 2000}
 
 
 def settings(quick):
@@ -43,7 +43,7 @@ def default_dir(quick):
 
 
 def log_uniform(rng, lo, hi):
-    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+    return round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 def sentence(rng, words, names, items):
@@ -84,8 +84,12 @@ def make_pairs(model_dir, n, seed, lo, hi):
     for i in range(n):
         # Prompt: "Question <i>:" + text + newline; completions: text, EOS appended by the tools (counted here).
         p_len, c_len, r_len = (log_uniform(rng, lo, hi) for _ in range(3))
-        body = text_of_tokens(tok, rng, max(1, p_len - 4))
-        prompt = f"Question: {body}\n"
+        state = rng.getstate()
+        for extra in range(8):  # "Question: " and the newline may merge: grow the body until the length is hit
+            rng.setstate(state)
+            prompt = f"Question: {text_of_tokens(tok, rng, max(1, p_len - 4 + extra))}\n"
+            if len(tok(prompt, add_special_tokens=False)["input_ids"]) >= p_len:
+                break
         chosen = text_of_tokens(tok, rng, max(1, c_len - 1))
         rejected = text_of_tokens(tok, rng, max(1, r_len - 1))
         if rejected == chosen:
@@ -104,8 +108,7 @@ def make_pairs(model_dir, n, seed, lo, hi):
 def write_jsonl(path, rows):
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(tmp, path)
 
 

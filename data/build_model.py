@@ -159,7 +159,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-docs", type=int, default=20000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-llama"))
     args = ap.parse_args()
     assert args.hidden % args.heads == 0

@@ -101,6 +101,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) one training run; returns the summary dict (also written to out/summary.json)."""
     t_start = time.perf_counter()
     cfg = dataclasses.replace(cfg)
+    for k in ("cache", "out", "eval_cache", "model", "ref_model"):  # accept pathlib.Path too
+        if getattr(cfg, k) is not None:
+            setattr(cfg, k, os.fspath(getattr(cfg, k)))
     if cfg.loss not in L.LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(L.LOSSES)}")
     loss_params = L.loss_params(cfg.loss, {k: getattr(cfg, k) for k in LOSS_PARAM_FIELDS})

@@ -53,6 +53,7 @@ class HFScorer:
         from transformers import AutoModelForCausalLM
 
         transformers.utils.logging.disable_progress_bar()
+        self.model_dir = str(model_dir)
         self.dtype = dtype
         self.batch_size = int(batch_size or 16)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,6 +121,7 @@ class VLLMScorer:
             from vllm import LLM
         except ImportError as e:
             raise UserError(f"the vllm backend needs vLLM installed ({e}); use --backend hf") from None
+        self.model_dir = str(model_dir)
         self.dtype = dtype
         self.batch_size = batch_size
         self.max_model_len = max_model_len

@@ -19,7 +19,8 @@ def add_commands(sub):
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
                    help="auto: vllm on a GPU; on CPU hf for bfloat16, vllm for float32")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-length", type=int, default=1024, help="max prompt+completion tokens (default 1024)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max prompt+completion tokens (default: 1024, or less to fit the model's context)")
     p.add_argument("--max-prompt-length", type=_opt_int, default=512,
                    help="prompt tokens kept when a pair is too long; 'none' = never cut the prompt (default 512)")
     p.add_argument("--truncation-mode", default="keep_end", choices=["keep_end", "keep_start"],

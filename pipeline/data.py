@@ -209,7 +209,7 @@ def _read_json(f: Path):
 
         def more():
             nonlocal buf, pos, eof
-            block = fh.read(1 << 20)
+            block = fh.read(1 << 18)
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
@@ -384,6 +384,9 @@ def _split_implicit(chosen, rejected, cc, rc):
                 break
             n += 1
         n = min(n, len(chosen) - 1, len(rejected) - 1)  # leave each completion at least one character
+        if n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace():  # mid-word: back off to a space
+            cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
+            n = cut if cut > 0 else n
         if n <= 0 or not chosen[:n].strip():
             raise Reject("no prompt field and chosen/rejected share no common prefix to use as the prompt "
                          "(map the prompt column with --prompt-col)")

@@ -48,17 +48,21 @@ def load_tokenizer(model_dir):
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=1024, max_prompt_length=512,
+def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length=512,
                truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-               columns=None, progress=True, scorer=None, log=print, **backend_settings) -> dict:
+               columns=None, progress=True, scorer=None, **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `scorer` lets a caller reuse an
     already-built backend (one vLLM engine per process). Extra keyword arguments go to the backend
-    (max_model_len, tensor_parallel_size, gpu_memory_utilization)."""
+    (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
+    min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence."""
     t0 = time.time()
     shard_i, shard_n = parse_shard(shard)
     torch_dtype(dtype)
+    model_dir = resolve_model_dir(model)
+    name = scorer.name if scorer is not None else resolve_backend(backend, dtype)
+    max_length = _check_context(model_dir, max_length, name)
     if max_prompt_length is not None and max_prompt_length >= max_length:
         raise UserError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length}")
     if truncation_mode not in ("keep_end", "keep_start"):
@@ -66,14 +70,11 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     if part_size < 1:
         raise UserError("--part-size must be at least 1")
 
-    model_dir = resolve_model_dir(model)
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
-    _check_context(model_dir, max_length)
     src = Source(data, columns)
     data_sha = src.sha256()
-    name = scorer.name if scorer is not None else resolve_backend(backend, dtype)
-    if scorer is not None and scorer.dtype != dtype:
-        raise UserError(f"the given scorer runs in {scorer.dtype}, not {dtype}")
+    if scorer is not None and (scorer.dtype != dtype or Path(scorer.model_dir).resolve() != model_dir.resolve()):
+        raise UserError(f"the given scorer runs {scorer.model_dir} in {scorer.dtype}, not {model_dir} in {dtype}")
     tokenizer = load_tokenizer(model_dir)
     tok_settings = tokenization_settings(tokenizer, max_length, max_prompt_length, truncation_mode)
     pair_tok = PairTokenizer(tokenizer, max_length, max_prompt_length, truncation_mode)
@@ -112,7 +113,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         if kept and scorer is None:
             settings_ = dict(backend_settings, batch_size=batch_size)
             if name == "vllm":
-                settings_.setdefault("max_model_len", max_length + 1)
+                settings_["max_model_len"] = settings_.get("max_model_len") or max_length + 1
             scorer = make_scorer(name, model_dir, dtype, **settings_)
         chosen, rejected_lp = [], []
         ts = time.time()
@@ -214,12 +215,19 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     return summary
 
 
-def _check_context(model_dir, max_length):
+def _check_context(model_dir, max_length, backend):
+    """Resolve max_length against the model's context (vLLM needs one spare position for its output token)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    if ctx and max_length + 1 > ctx:
+    spare = 1 if backend == "vllm" else 0
+    if max_length is None:  # the same default for every backend, so their caches are interchangeable
+        return min(1024, ctx - 1) if ctx else 1024
+    if max_length < 2:
+        raise UserError(f"--max-length {max_length}: need at least 2 tokens")
+    if ctx and max_length + spare > ctx:
         raise UserError(f"--max-length {max_length} does not fit the model's context of {ctx} tokens "
-                        f"({model_dir}/config.json); use --max-length {ctx - 1} or less")
+                        f"({model_dir}/config.json) with the {backend} backend; use --max-length {ctx - spare}")
+    return max_length
 
 
 def _progress(src, limit, shard_n, enabled):

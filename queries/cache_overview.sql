@@ -6,10 +6,12 @@
 -- How to read: long format, one row per (cache, metric). *_logp_per_token_* = the pair's summed reference
 -- log-prob divided by its completion length (nats per token), mean and p10/p50/p90 over pairs;
 -- *_len_* token counts; truncated_share = share of pairs truncation touched; near_identical_share =
--- share of pairs whose shared prefix covers at least `near_share` of the shorter completion;
+-- share of pairs whose shared prefix covers at least `near_share` of the shorter completion or that differ
+-- in at most `near_tail` tokens after it (tokens of the longer completion, EOS included);
 -- rejected:<reason> = input rows dropped for that reason (see rejected_rows for which).
 --
 -- param: near_share = 0.5 [0, 1] shared_prefix_len / shorter completion length that counts as near-identical
+-- param: near_tail = 3 [0, ] at most this many tokens after the shared prefix also counts as near-identical
 -- needs: pairs
 WITH pc AS (
     SELECT cache,
@@ -17,7 +19,8 @@ WITH pc AS (
            ref_rejected_logp / rejected_len AS r_tok,
            ref_chosen_logp, ref_rejected_logp, prompt_len, chosen_len, rejected_len, shared_prefix_len,
            truncated,
-           shared_prefix_len >= $near_share * least(chosen_len, rejected_len) AS near
+           shared_prefix_len >= $near_share * least(chosen_len, rejected_len)
+               OR greatest(chosen_len, rejected_len) - shared_prefix_len <= $near_tail AS near
     FROM pairs
 ),
 wide AS (

@@ -39,14 +39,14 @@ _RUN_FIELDS = {
     "label_smoothing": (("label_smoothing",), "DOUBLE"),
     "lr": (("lr", "learning_rate"), "DOUBLE"),
     "batch_size": (("batch_size",), "BIGINT"),
-    "steps": (("steps", "max_steps", "total_steps"), "BIGINT"),
+    "steps": (("total_steps", "steps", "max_steps"), "BIGINT"),
     "epochs": (("epochs",), "DOUBLE"),
     "seed": (("seed",), "BIGINT"),
     "dtype": (("dtype",), "VARCHAR"),
     "model": (("model", "model_path", "policy"), "VARCHAR"),
     "cache": (("cache", "cache_path", "train_cache"), "VARCHAR"),
     "eval_cache": (("eval_cache", "eval_cache_path"), "VARCHAR"),
-    "cache_fingerprint": (("cache_fingerprint", "fingerprint"), "VARCHAR"),
+    "cache_fingerprint": (("manifest_sha256", "cache_fingerprint", "fingerprint"), "VARCHAR"),
     "live_ref": (("live_ref",), "BOOLEAN"),
     "final_loss": (("final_loss", "loss_final"), "DOUBLE"),
 }
@@ -99,15 +99,27 @@ def _find_cache_path(value, run_dir: Path):
 
 
 def _lookup(d: dict, keys):
+    """First non-null plain value under one of `keys`, at the top level or one level down
+    (e.g. {"loss_params": {"beta": 0.1}} or {"cache_fingerprint": {"manifest_sha256": ...}})."""
     for k in keys:
-        if k in d and not isinstance(d[k], (dict, list)):
+        if d.get(k) is not None and not isinstance(d[k], (dict, list)):
             return d[k]
-    for v in d.values():  # one level of nesting (e.g. {"train": {"beta": ...}})
+    for v in d.values():
         if isinstance(v, dict):
             for k in keys:
-                if k in v and not isinstance(v[k], (dict, list)):
+                if v.get(k) is not None and not isinstance(v[k], (dict, list)):
                     return v[k]
     return None
+
+
+def _run_cache_paths(config: dict):
+    """Cache dirs a run's config names: the absolute path in the recorded fingerprint first, then the path
+    as given (which may be relative to where training ran)."""
+    out = []
+    for fp_key, key in (("cache_fingerprint", "cache"), ("eval_cache_fingerprint", "eval_cache")):
+        fp = config.get(fp_key)
+        out.append([fp.get("path") if isinstance(fp, dict) else None, config.get(key)])
+    return out
 
 
 def _read_json(path: Path):
@@ -164,8 +176,9 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     if caches is None:
         found = []
         for r in run_info:
-            for key in ("cache", "eval_cache"):
-                p = _find_cache_path(_lookup(r["config"], _RUN_FIELDS[key][0]), r["dir"])
+            for cands in _run_cache_paths(r["config"]):
+                p = next((q for q in (_find_cache_path(c, r["dir"]) for c in cands if isinstance(c, str)) if q),
+                         None)
                 if p and p not in found:
                     found.append(p)
         caches = found
@@ -208,6 +221,9 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
             if v is None:
                 v = _lookup(r["summary"], keys)
             row[col] = v
+        fp = r["config"].get("cache_fingerprint")
+        if isinstance(fp, dict) and fp.get("manifest_sha256"):
+            row["cache_fingerprint"] = fp["manifest_sha256"]
         row["finished"] = bool(r["summary"])
         row["config_json"] = json.dumps(r["config"])
         row["summary_json"] = json.dumps(r["summary"])

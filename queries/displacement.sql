@@ -6,7 +6,9 @@
 -- How to read: one row per displaced pair and run, ranked (rank 1 = chosen fell most) at probe step `step`
 -- (-1 = each run's last probe step). chosen_drift / rejected_drift are policy - reference log-probs (nats);
 -- margin_gain is the margin now minus at the run's first probe step. prefix_share = shared_prefix_len /
--- the shorter completion's length; length_diff = chosen_len - rejected_len. Pair text: join `pairs`.
+-- the shorter completion's length; tail_tokens = tokens of the longer completion after the shared prefix
+-- (near-identical pairs: high prefix_share or few tail_tokens); length_diff = chosen_len - rejected_len.
+-- Pair text: join `pairs` on pair_id.
 --
 -- param: step = -1 [-1, ] probe step to rank at; -1 = each run's last probe step
 -- param: limit = 20 [1, ] rows per run
@@ -47,6 +49,7 @@ pair_info AS (
 SELECT d.run, d.rank, d.split, d.step, d.pair_id, d.chosen_drift, d.rejected_drift, d.margin, d.margin_gain,
        i.shared_prefix_len,
        i.shared_prefix_len / least(i.chosen_len, i.rejected_len) AS prefix_share,
+       greatest(i.chosen_len, i.rejected_len) - i.shared_prefix_len AS tail_tokens,
        i.chosen_len, i.rejected_len, i.chosen_len - i.rejected_len AS length_diff, i.cache
 FROM displaced d LEFT JOIN pair_info i USING (pair_id)
 WHERE d.rank <= $limit

@@ -8,7 +8,8 @@
 -- p10/p50/p90 are quantiles over pairs. both_down_share = share of pairs whose chosen AND rejected log-prob
 -- fell by more than `tol`; chosen_down_share / chosen_up_share = share whose chosen log-prob fell / rose by
 -- more than `tol`.
--- margin_mean is the mean DPO margin (beta-scaled), accuracy the share of pairs with margin > 0.
+-- margin_mean is the mean DPO margin (beta-scaled), accuracy the share of pairs with margin > 0 (as in
+-- steps.parquet; at step 0 the margins are floating-point noise around 0, so accuracy there means nothing).
 --
 -- param: tol = 0.001 [0, ] nats a log-prob must move to count as fallen or risen
 -- needs: examples

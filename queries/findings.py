@@ -12,25 +12,32 @@ def _split_rows(df: pl.DataFrame, run: str) -> pl.DataFrame:
     return ev if ev.height else rows
 
 
-def near_identical_counts(con, disp: pl.DataFrame, near_share=0.5):
+def is_near(prefix_share, tail_tokens, near_share=0.5, near_tail=3):
+    """Near-identical: the shared prefix covers >= near_share of the shorter completion, or the pair differs
+    in <= near_tail tokens after it (the same rule as cache_overview's near_identical_share)."""
+    return (prefix_share.fill_null(0) >= near_share) | (tail_tokens.fill_null(10**9) <= near_tail)
+
+
+def near_identical_counts(con, disp: pl.DataFrame, near_share=0.5, near_tail=3):
     """(displaced near-identical, displaced total, near-identical share of all probe pairs) per run."""
     out = {}
     for run in disp["run"].unique(maintain_order=True).to_list():
         d = disp.filter(pl.col("run") == run)
-        n_near = int((d["prefix_share"].fill_null(0) >= near_share).sum())
+        n_near = int(is_near(d["prefix_share"], d["tail_tokens"], near_share, near_tail).sum())
         base = con.sql(
             """SELECT avg(CASE WHEN p.shared_prefix_len >= $s * least(p.chosen_len, p.rejected_len)
+                                 OR greatest(p.chosen_len, p.rejected_len) - p.shared_prefix_len <= $t
                                THEN 1.0 ELSE 0.0 END)
                FROM (SELECT DISTINCT pair_id FROM examples WHERE source = 'probe' AND run = $run) e
                JOIN (SELECT pair_id, any_value(shared_prefix_len) AS shared_prefix_len,
                             any_value(chosen_len) AS chosen_len, any_value(rejected_len) AS rejected_len
                      FROM pairs GROUP BY pair_id) p USING (pair_id)""",
-            params={"s": near_share, "run": run}).fetchall()[0][0]
+            params={"s": near_share, "t": near_tail, "run": run}).fetchall()[0][0]
         out[run] = (n_near, d.height, base)
     return out
 
 
-def findings(con, top=20, near_share=0.5) -> list[str]:
+def findings(con, top=20, near_share=0.5, near_tail=3) -> list[str]:
     """Two to four sentences: drift at the last probe, displacement culprits, the collapse alarm."""
     from queries.db import view_sources
 
@@ -49,13 +56,14 @@ def findings(con, top=20, near_share=0.5) -> list[str]:
             f"reward accuracy reached {last['accuracy']:.2f} (mean margin {last['margin_mean']:.2f}).")
     if view_sources(con).get("pairs"):
         disp = run_query(con, "displacement", {"limit": top})
-        counts = near_identical_counts(con, disp, near_share)
+        counts = near_identical_counts(con, disp, near_share, near_tail)
         for run, (n_near, n, base) in list(counts.items())[:4]:
             if n:
                 out.append(
-                    f"{run}: near-identical pairs (shared prefix >= {near_share:.0%} of the shorter completion) "
-                    f"are {n_near} of the top {n} displaced pairs (chosen fell, margin grew), while they are "
-                    f"{(base or 0):.0%} of the probe pairs.")
+                    f"{run}: near-identical pairs (differing in <= {near_tail} tokens after a shared prefix, or "
+                    f"sharing >= {near_share:.0%} of the shorter completion) are {n_near} of the top {n} displaced "
+                    f"pairs (chosen fell below the reference while the margin grew), and {(base or 0):.0%} of "
+                    "all probe pairs.")
     coll = run_query(con, "collapse")
     for run in runs[:4]:
         rows = _split_rows(coll, run)

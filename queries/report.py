@@ -265,7 +265,8 @@ def _displaced_html(disp: pl.DataFrame, texts: dict) -> str:
         rows.append(
             f"<tr><td>{html.escape(r['run'])}</td><td>{r['rank']}</td><td>{r['split']}</td>"
             f"<td>{r['chosen_drift']:+.2f}</td><td>{r['rejected_drift']:+.2f}</td><td>{r['margin_gain']:+.3f}</td>"
-            f"<td>{r['shared_prefix_len']}</td><td>{prefix_share}</td><td>{r['length_diff']}</td>"
+            f"<td>{r['shared_prefix_len']}</td><td>{prefix_share}</td><td>{r['tail_tokens']}</td>"
+            f"<td>{r['length_diff']}</td>"
             f"<td class=text>{text}</td></tr>")
     how = ("decoded with the cache's tokenizer" if decoded else
            "token ids: the tokenizer named in the cache manifest is not a loadable local directory")
@@ -273,7 +274,7 @@ def _displaced_html(disp: pl.DataFrame, texts: dict) -> str:
             f"prefix is shown on both lines; <span class=c>green</span> / <span class=r>red</span> is where "
             f"chosen / rejected differ.</p><table><tr><th>run</th><th>rank</th><th>split</th><th>chosen drift"
             f"</th><th>rejected drift</th><th>margin gain</th><th>shared prefix</th><th>prefix share</th>"
-            f"<th>length diff</th><th>prompt / chosen / rejected</th></tr>{''.join(rows)}</table>")
+            f"<th>tokens after prefix</th><th>length diff</th><th>prompt / chosen / rejected</th></tr>{''.join(rows)}</table>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222}

@@ -115,6 +115,7 @@ def test_displacement_matches_polars(world):
             .select("run", "rank", "pair_id", "step", chosen_drift="dc", rejected_drift="dr", margin="margin",
                     margin_gain="margin_gain", shared_prefix_len="shared_prefix_len",
                     prefix_share=pl.col("shared_prefix_len") / pl.min_horizontal("chosen_len", "rejected_len"),
+                    tail_tokens=pl.max_horizontal("chosen_len", "rejected_len") - pl.col("shared_prefix_len"),
                     length_diff=pl.col("chosen_len") - pl.col("rejected_len")))
     assert_frames_close(got.select(want.columns), want, ["run", "rank"])
     # known structure: near-identical pairs are the culprits
@@ -207,12 +208,13 @@ def test_compare_matches_polars(world):
 
 
 def test_cache_overview_matches_polars(world):
-    got = queries.run_query(world["con"], "cache_overview", {"near_share": 0.5})
+    got = queries.run_query(world["con"], "cache_overview", {"near_share": 0.5, "near_tail": 3})
     vals = {(r["cache"], r["metric"]): r["value"] for r in got.iter_rows(named=True)}
     for cache in ("cache", "eval_cache"):
         p = pl.read_parquet(world[cache] / "part-*.parquet")
         tok = p["ref_chosen_logp"] / p["chosen_len"]
-        near = p["shared_prefix_len"] >= 0.5 * pl.Series(p.select(pl.min_horizontal("chosen_len", "rejected_len")))
+        near = (p["shared_prefix_len"] >= 0.5 * p.select(pl.min_horizontal("chosen_len", "rejected_len")).to_series()) | (
+            p.select(pl.max_horizontal("chosen_len", "rejected_len")).to_series() - p["shared_prefix_len"] <= 3)
         want = {
             "n_pairs": p.height, "chosen_logp_per_token_mean": tok.mean(),
             "chosen_logp_per_token_p10": tok.quantile(0.1, "linear"),

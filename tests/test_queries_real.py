@@ -2,7 +2,6 @@
 numbers equal Polars over the same Parquet logs, step 0 is the reference, and the report decodes pair text
 with the real tokenizer."""
 
-import dataclasses
 import math
 
 import polars as pl
@@ -22,10 +21,10 @@ def real_run(request, tmp_path_factory):
     except pytest.FixtureLookupError:
         pytest.skip("tests/conftest.py has no train_cache/eval_cache fixtures yet")
     out = tmp_path_factory.mktemp("realrun") / "run"
-    want = {"cache": str(train_cache), "eval_cache": str(eval_cache), "out": str(out), "loss": "sigmoid",
-            "beta": 0.1, "steps": 12, "max_steps": 12, "batch_size": 4, "probe_every": 4, "lr": 5e-4, "seed": 0}
-    names = {f.name for f in dataclasses.fields(train_mod.TrainConfig)}
-    train_mod.train(train_mod.TrainConfig(**{k: v for k, v in want.items() if k in names}))
+    train_mod.train(train_mod.TrainConfig(
+        cache=str(train_cache), eval_cache=str(eval_cache), out=str(out), loss="sigmoid", beta=0.1, steps=12,
+        batch_size=4, probe_every=4, probe_size=16, lr=5e-4, seed=0, checkpoint_every=0, save_final=False,
+        progress=False))
     return {"run": out, "cache": train_cache, "eval_cache": eval_cache}
 
 

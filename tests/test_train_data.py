@@ -40,11 +40,9 @@ def test_policy_logps_equal_cached_reference(pairs, tiny_model_dir, train_cache)
     with torch.no_grad():
         pc, pr, tok = batch_logps(net, batch, "cpu")
     table = pcache.load_table(train_cache, columns=["ref_chosen_token_logps", "ref_rejected_token_logps"])
-    want = np.concatenate([
-        np.concatenate(table.column("ref_chosen_token_logps").take(pa.array(idx)).to_pylist() and
-                       [np.asarray(x, np.float32) for x in table.column("ref_chosen_token_logps").take(pa.array(idx)).to_pylist()]),
-        np.concatenate([np.asarray(x, np.float32) for x in table.column("ref_rejected_token_logps").take(pa.array(idx)).to_pylist()]),
-    ])
+    rows = pa.array(idx)
+    want = np.concatenate([np.asarray(x, np.float32) for col in ("ref_chosen_token_logps", "ref_rejected_token_logps")
+                           for x in table.column(col).take(rows).to_pylist()])
     assert tok.shape == want.shape
     assert np.abs(tok.numpy() - want).max() < 1e-5
     assert np.abs(pc.numpy() - pairs.ref_chosen_logp[idx]).max() < 1e-4
