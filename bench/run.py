@@ -177,7 +177,7 @@ def piece_stage1(ctx):
         raise RuntimeError("bench/stage1.py does not exist yet")
     flags = script_flags(script)
     w = ctx["w"]
-    argv, missing = opt(flags, (("--model",), w["model"]), (("--data", "--pairs", "--input"), w["pairs_path"]),
+    argv, missing = opt(flags, (("--model",), w["model"]), (("--data",), w["pairs_path"]),
                         (("--json", "--out-json"), ctx["res"] / "stage1.json"))
     if {"--json", "--out-json"} & set(missing):
         raise RuntimeError("bench/stage1.py has no --json flag to write its figures")
@@ -219,16 +219,22 @@ def piece_train(ctx):
         raise RuntimeError("bench/train.py does not exist yet")
     flags = script_flags(script)
     s, w = ctx["s"], ctx["w"]
-    argv, missing = opt(flags, (("--model",), w["model"]), (("--data", "--pairs", "--input"), w["pairs_path"]),
+    argv, missing = opt(flags, (("--model",), w["model"]), (("--data",), w["pairs_path"]),
                         (("--json", "--out-json"), ctx["res"] / "train.json"))
     if "--json" in missing:
         raise RuntimeError("bench/train.py has no --json flag to write its figures")
+    if "--model" in missing or "--data" in missing:
+        print("!!! bench/train.py takes no --model/--data: it trains its own model on its own pairs, so the TRL "
+              "comparison is not at equal settings", flush=True)
     extra, _ = opt(flags, ("--steps", str(s["train_steps"])), ("--warmup", str(s["warmup"])),
                    ("--batch-size", str(s["batch_size"])), ("--lr", str(s["lr"])), ("--beta", str(s["beta"])),
                    ("--max-length", str(s["max_length"])),
                    (("--work", "--work-dir"), ctx["work"] / "train"))
     if ctx["quick"]:
         extra += opt(flags, ("--quick", None))[0]
+        if "--model" in missing:  # its own model: make it toy-sized too
+            extra += opt(flags, ("--hidden", "128"), ("--layers", "2"), ("--intermediate", "352"), ("--pairs", "16"),
+                         ("--prompt-tokens", "32"), ("--completion-tokens", "32"))[0]
     if s["threads"]:
         extra += opt(flags, ("--threads", str(s["threads"])))[0]
     run_piece("train", [py(), script, *argv, *extra], ctx["res"], s["timeout_s"])
@@ -333,18 +339,27 @@ def stage1_rows(st, w, rates):
         rows.append({"backend": str(d["backend"]), "dtype": dt, "seconds": secs, "pairs": pairs,
                      "tokens_per_s": w["tokens_unique"] * pairs / w["n_pairs"] / secs, "reported_tokens_per_s": tps,
                      "pairs_per_s": pairs / secs, "mfu": matmul.mfu(flops, secs, rates.get(dt)),
-                     "postprocess_share": first(d, "postprocess_share", "post_share")})
+                     "postprocess_share": first(d, "postprocess_share", "post_share"),
+                     "startup_s": first(d, "startup_s", "engine_start_s")})
     return rows
 
 
 def train_rows(tr):
     """Normalise bench/train.py's measurements to {mode: cached|live, dtype, step_s, peak_rss_bytes}."""
     rows = []
+    for mode in ("cached", "live"):  # bench/train.py: {"dtype", "cached": {...}, "live": {...}}
+        d = tr.get(mode)
+        if isinstance(d, dict):
+            step = first(d, "step_s_median", "median_step_s", "seconds_per_step")
+            rows.append({"mode": mode, "dtype": norm_dtype(tr.get("dtype") or "float32"), "step_s": step,
+                         "peak_rss_bytes": first(d, "peak_rss_bytes", "peak_rss")})
+    if rows:
+        return rows
     for d in find_dicts(tr, lambda d: any(k in d for k in ("median_step_s", "step_s", "seconds_per_step"))):
         mode = str(first(d, "mode", "ref", "name", "config") or "")
         live = first(d, "live_ref", "live")
         mode = "live" if (live is True or "live" in mode) else "cached" if (live is False or "cache" in mode) else mode
-        step = first(d, "median_step_s", "seconds_per_step", "step_s")
+        step = first(d, "step_s_median", "median_step_s", "seconds_per_step", "step_s")
         if isinstance(step, list):
             step = statistics.median(step)
         rows.append({"mode": mode, "dtype": norm_dtype(first(d, "dtype") or "float32"), "step_s": step,
@@ -383,7 +398,8 @@ def merge(res, s, status):
             rows.append({"backend": "trl-precompute", "dtype": dt, "seconds": t["precompute_s"],
                          "pairs": t["precompute_pairs"], "tokens_per_s": t["precompute_tokens_per_s"],
                          "pairs_per_s": t["precompute_pairs_per_s"],
-                         "mfu": matmul.mfu(flops, t["precompute_s"], rates.get(dt)), "postprocess_share": None})
+                         "mfu": matmul.mfu(flops, t["precompute_s"], rates.get(dt)), "postprocess_share": None,
+                         "startup_s": t.get("load_s")})
     raw["stage1"] = rows
     ours = [r for r in rows if r["backend"] in ("vllm", "hf", "auto")]
     best32 = max((r for r in ours if r["dtype"] == "float32"), key=lambda r: r["pairs_per_s"], default=None)
@@ -410,8 +426,10 @@ def merge(res, s, status):
     tr = load(res, "train")
     trows = train_rows(tr) if tr else []
     raw["train"] = trows
+    if tr and Path(str(tr.get("model"))).resolve() != Path(str(wfull.get("model"))).resolve():
+        raw["train_info"] = {k: tr.get(k) for k in ("model", "params", "pairs", "prompt_tokens", "completion_tokens")}
     cached, live = pick(trows, mode="cached", dtype="float32"), pick(trows, mode="live", dtype="float32")
-    ref_bytes = (wfull.get("params") or 0) * 4 or None
+    ref_bytes = first(tr or {}, "ref_weight_bytes") or (wfull.get("params") or 0) * 4 or None
     figs["train_cached_over_live_step_s"] = ratio(cached and cached["step_s"], live and live["step_s"]) \
         if cached and live else first(tr or {}, "train_cached_over_live_step_s")
     if cached and live and cached["peak_rss_bytes"] and live["peak_rss_bytes"] and ref_bytes:
@@ -517,16 +535,18 @@ def render(report):
     mm = raw.get("matmul") or {}
     L += ["", "### Stage 1 — scoring throughput", ""]
     if mm:
-        L.append(f"Matmul bound ({mm['float32']['n']}² × {mm['float32']['n']}², {mm.get('threads')} threads): "
+        L.append(f"Matmul bound ({mm['float32']['n']}×{mm['float32']['n']} @ {mm['float32']['n']}×{mm['float32']['n']}"
+                 f", {mm.get('threads')} threads): "
                  f"fp32 {mm['matmul_fp32_gflops']:,.0f} GFLOP/s, bf16 {mm['matmul_bf16_gflops']:,.0f} GFLOP/s.")
     if w:
         L.append(f"Model FLOPs: {w['flops'] / 1e9:,.1f} GFLOP to score the {w['n_pairs']} pairs once "
                  f"({w['flops_per_token_unique'] / 1e6:.1f} MFLOP per prompt/chosen/rejected token).")
     L += ["", "tokens = prompt + chosen + rejected of each pair, the same count for every row.", "",
-          "| backend | dtype | pairs/s | tokens/s | seconds | MFU |", "|---|---|---|---|---|---|"]
+          "| backend | dtype | pairs/s | tokens/s | scoring s | model/engine start s | MFU |",
+          "|---|---|---|---|---|---|---|"]
     for r in raw.get("stage1", []):
         L.append(f"| {r['backend']} | {r['dtype']} | {fmt(r['pairs_per_s'], 1)} | {fmt(r['tokens_per_s'], 0)} | "
-                 f"{fmt(r['seconds'], 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% |")
+                 f"{fmt(r['seconds'], 1)} | {fmt(r.get('startup_s'), 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% |")
     L += ["", ("### Stage 2 — training step time and peak memory "
                f"(batch {s['batch_size']}, median of steps after {s['warmup']} warm-up)"), "",
           "| trainer | reference | dtype | s/step | peak RSS GiB | MFU (est.) |", "|---|---|---|---|---|---|"]
@@ -536,6 +556,9 @@ def render(report):
     for r in raw.get("trl_train", []):
         L.append(f"| TRL | {r['mode']} | {r['dtype']} | {fmt(r['step_s'])} | {fmt(gib(r['peak_rss_bytes']), 2)} | "
                  f"{fmt(r.get('mfu_estimate') and 100 * r['mfu_estimate'], 1)}% |")
+    if tr_model := (raw.get("train_info") or {}).get("model"):
+        L.append(f"\nrefcache rows: model `{tr_model}`, {raw['train_info'].get('params', 0) / 1e6:.1f}M parameters, "
+                 f"{raw['train_info'].get('pairs')} pairs (bench/train.py); TRL rows: the workload model and pairs.")
     if f.get("ref_weight_bytes"):
         L.append(f"\nReference weights: {f['ref_weight_bytes'] / 2**20:.0f} MiB (fp32).")
     sw = raw.get("sweep") or {}

@@ -1,6 +1,5 @@
 """`refcache train` and `refcache sweep`: command-line front ends of dpo.train.train."""
 
-import argparse
 import dataclasses
 import json
 import os
@@ -10,15 +9,21 @@ from refcache import UserError
 
 
 def add_commands(sub):
-    p = sub.add_parser("train", help="train a policy with a DPO-family loss from a reference cache",
-                       description="Train a policy with a DPO-family loss, reading reference log-probs from CACHE.")
+    p = sub.add_parser(
+        "train",
+        help="train a policy with a DPO-family loss from a reference cache",
+        description="Train a policy with a DPO-family loss, reading reference log-probs from CACHE.",
+    )
     _add_train_args(p)
     p.add_argument("--out", required=True, help="run directory (new, or existing with --resume)")
     p.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sweep", help="several trainings over one cache (betas x losses)",
-                       description="Run one training per (loss, beta) from the same cache, one after another, "
-                                   "each in DIR/<loss>-beta<B>/. Finished runs are skipped, unfinished ones resumed.")
+    s = sub.add_parser(
+        "sweep",
+        help="several trainings over one cache (betas x losses)",
+        description="Run one training per (loss, beta) from the same cache, one after another, "
+        "each in DIR/<loss>-beta<B>/. Finished runs are skipped, unfinished ones resumed.",
+    )
     _add_train_args(s, sweep=True)
     s.add_argument("--out", required=True, help="directory holding one run directory per (loss, beta)")
     s.set_defaults(func=cmd_sweep)
@@ -81,7 +86,9 @@ def _check_cache(path, flag):
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such directory; build one with `refcache precompute`")
     if not os.path.isfile(os.path.join(path, "manifest.json")):
-        raise UserError(f"{flag} {path}: not a refcache cache (no manifest.json); build one with `refcache precompute`")
+        raise UserError(
+            f"{flag} {path}: not a refcache cache (no manifest.json); build one with `refcache precompute`"
+        )
 
 
 def _check_loss(name):
@@ -131,8 +138,10 @@ def cmd_sweep(args) -> int:
     print(f"{'run':<32} {'final loss':>10} {'eval acc':>8} {'eval margin':>11}")
     for r in results:
         ev = (r.get("probe") or {}).get("eval") or (r.get("probe") or {}).get("train") or {}
-        print(f"{os.path.basename(r['run_dir']):<32} {r['final_loss']:>10.4f} {ev.get('reward_accuracy', float('nan')):>8.3f} "
-              f"{ev.get('reward_margin', float('nan')):>11.4f}")
+        print(
+            f"{os.path.basename(r['run_dir']):<32} {r['final_loss']:>10.4f} {ev.get('reward_accuracy', float('nan')):>8.3f} "
+            f"{ev.get('reward_margin', float('nan')):>11.4f}"
+        )
     return 0
 
 

@@ -12,8 +12,18 @@ import torch
 
 from refcache import UserError
 
-COLUMNS = ["pair_id", "source_index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp",
-           "ref_rejected_logp", "prompt_len", "chosen_len", "rejected_len"]
+COLUMNS = [
+    "pair_id",
+    "source_index",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+    "prompt_len",
+    "chosen_len",
+    "rejected_len",
+]
 
 
 @dataclass
@@ -43,7 +53,9 @@ class Pairs:
 
     @property
     def max_token_id(self) -> int:
-        return int(max((v.max() if len(v) else 0) for v in (self.prompt[0], self.chosen[0], self.rejected[0])))
+        return int(
+            max((v.max() if len(v) else 0) for v in (self.prompt[0], self.chosen[0], self.rejected[0]))
+        )
 
 
 def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,12 +75,16 @@ def load_pairs(cache_dir: str) -> Pairs:
     manifest = pcache.read_manifest(cache_dir)
     table = pcache.load_table(cache_dir, columns=COLUMNS)
     if table.num_rows == 0:
-        raise UserError(f"{cache_dir}: the cache has no pairs; re-run `refcache precompute` on non-empty data")
+        raise UserError(
+            f"{cache_dir}: the cache has no pairs; re-run `refcache precompute` on non-empty data"
+        )
     p = Pairs(
-        path=cache_dir, manifest=manifest,
+        path=cache_dir,
+        manifest=manifest,
         pair_id=np.asarray(table.column("pair_id").to_pylist(), dtype=object),
         source_index=table.column("source_index").to_numpy(),
-        prompt=_flat(table.column("prompt_ids")), chosen=_flat(table.column("chosen_ids")),
+        prompt=_flat(table.column("prompt_ids")),
+        chosen=_flat(table.column("chosen_ids")),
         rejected=_flat(table.column("rejected_ids")),
         ref_chosen_logp=table.column("ref_chosen_logp").to_numpy().astype(np.float64),
         ref_rejected_logp=table.column("ref_rejected_logp").to_numpy().astype(np.float64),
@@ -83,11 +99,16 @@ def load_pairs(cache_dir: str) -> Pairs:
 def _validate(p: Pairs):
     def bad(mask, what):
         i = int(np.flatnonzero(mask)[0])
-        raise UserError(f"{p.path}: pair source_index={p.source_index[i]} ({p.pair_id[i]}): {what}; "
-                        "rebuild the cache with `refcache precompute`")
+        raise UserError(
+            f"{p.path}: pair source_index={p.source_index[i]} ({p.pair_id[i]}): {what}; "
+            "rebuild the cache with `refcache precompute`"
+        )
 
-    for name, (vals, offs), lens in (("prompt", p.prompt, p.prompt_len), ("chosen", p.chosen, p.chosen_len),
-                                     ("rejected", p.rejected, p.rejected_len)):
+    for name, (vals, offs), lens in (
+        ("prompt", p.prompt, p.prompt_len),
+        ("chosen", p.chosen, p.chosen_len),
+        ("rejected", p.rejected, p.rejected_len),
+    ):
         counts = np.diff(offs)
         if (counts != lens).any():
             bad(counts != lens, f"{name}_len does not match the number of {name}_ids")
@@ -106,7 +127,9 @@ def _validate(p: Pairs):
 # ---- batching -----------------------------------------------------------------------------------------------
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: int = 32) -> list[np.ndarray]:
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: int = 32
+) -> list[np.ndarray]:
     """The batches (arrays of row indices) of one epoch: shuffle with (seed, epoch), cut into mega-batches of
     `group` batches, sort each by length (longest first) and cut it into batches, then shuffle the batch
     order. Pairs of similar length share a batch, so padding is small, while every epoch sees a new order.

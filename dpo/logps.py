@@ -8,7 +8,7 @@ equal to the reference reproduces them and the step-0 loss is ln 2).
 """
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32)
 
@@ -33,7 +33,9 @@ class TokenLogp(torch.autograd.Function):
             for s in range(0, n, chunk):
                 logits = (hidden[s : s + chunk].to(dtype) @ w.T).to(acc)
                 lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-                out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+                out[s : s + chunk] = (
+                    logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+                )
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.dtype, ctx.chunk = dtype, chunk
         return out
@@ -45,7 +47,9 @@ class TokenLogp(torch.autograd.Function):
         w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk].to(dtype)
@@ -66,7 +70,8 @@ def _plain_lm_head(model) -> bool:
     head = model.get_output_embeddings()
     cfg = model.config
     return (
-        isinstance(head, nn.Linear) and head.bias is None
+        isinstance(head, nn.Linear)
+        and head.bias is None
         and not getattr(cfg, "final_logit_softcapping", None)
         and getattr(cfg, "logit_scale", 1.0) in (None, 1.0)
         and getattr(cfg, "logits_scaling", 1.0) in (None, 1.0)
@@ -91,13 +96,19 @@ class CompletionLogps(nn.Module):
             hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
             weight = self.model.get_output_embeddings().weight
-            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+            dtype = (
+                torch.get_autocast_dtype(h.device.type)
+                if torch.is_autocast_enabled(h.device.type)
+                else weight.dtype
+            )
             tok = TokenLogp.apply(h, weight, targets, dtype)
         else:  # generic path: full logits from the model's own head
             logits = self.model(input_ids=input_ids, use_cache=False).logits
             sel = logits.reshape(-1, logits.shape[-1]).index_select(0, hidden_index).float()
             tok = sel.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)
-        sums = torch.zeros(n_rows, dtype=torch.float64, device=tok.device).index_add(0, seq_index, tok.double())
+        sums = torch.zeros(n_rows, dtype=torch.float64, device=tok.device).index_add(
+            0, seq_index, tok.double()
+        )
         return sums, tok
 
 
@@ -105,8 +116,10 @@ def batch_logps(net, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, t
     """Run `net` (CompletionLogps, possibly DDP-wrapped) on a collated batch.
     Returns (chosen (b,), rejected (b,), per_token (N,))."""
     sums, tok = net(
-        batch["input_ids"].to(device, non_blocking=True), batch["hidden_index"].to(device, non_blocking=True),
-        batch["targets"].to(device, non_blocking=True), batch["seq_index"].to(device, non_blocking=True),
+        batch["input_ids"].to(device, non_blocking=True),
+        batch["hidden_index"].to(device, non_blocking=True),
+        batch["targets"].to(device, non_blocking=True),
+        batch["seq_index"].to(device, non_blocking=True),
     )
     b = sums.shape[0] // 2
     return sums[:b], sums[b:], tok

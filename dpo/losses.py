@@ -38,8 +38,15 @@ def _cdpo(z: Tensor, eps: float) -> Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-def sigmoid(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-            beta: float = 0.1, label_smoothing: float = 0.0):
+def sigmoid(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290), with conservative-DPO label smoothing
     (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
 
@@ -53,7 +60,9 @@ def sigmoid(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_re
     return (_cdpo(beta * x, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
 
 
-def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
+def ipo(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17), on summed log-probs as in OpenRLHF
     and torchtune. beta plays the role of the paper's tau.
 
@@ -67,8 +76,16 @@ def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return ((x - 1 / (2 * beta)) ** 2, *_rewards(pc, pr, rc, rr, beta))
 
 
-def ipo_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             chosen_len, rejected_len, beta: float = 0.1):
+def ipo_norm(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    chosen_len,
+    rejected_len,
+    beta: float = 0.1,
+):
     """IPO on per-token mean log ratios (what TRL 1.16 calls ``ipo``; the IPO authors' normalised form).
 
         loss = (c / l_c - r / l_r - 1 / (2 beta))^2
@@ -80,7 +97,9 @@ def ipo_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return ((x - 1 / (2 * beta)) ** 2, *_rewards(pc, pr, rc, rr, beta))
 
 
-def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
+def hinge(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """SLiC hinge loss (Zhao et al. 2023, https://arxiv.org/abs/2305.10425) on the DPO logit.
 
         loss = max(0, 1 - beta x)
@@ -92,8 +111,15 @@ def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     return (torch.relu(1 - beta * x), *_rewards(pc, pr, rc, rr, beta))
 
 
-def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-           beta: float = 0.1, label_smoothing: float = 0.0):
+def robust(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, Eq. 6): an unbiased loss under
     preference labels flipped with probability eps = ``label_smoothing`` < 0.5.
 
@@ -108,8 +134,15 @@ def robust(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1, label_smoothing: float = 1e-3):
+def exo_pair(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 1e-3,
+):
     """EXO, pairwise (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16): reverse KL from the model's
     preference distribution q = (s(beta x), s(-beta x)) to the smoothed label p = (1 - eps, eps).
 
@@ -127,8 +160,9 @@ def exo_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def nca_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def nca_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """NCA, pairwise (Chen et al. 2024, https://arxiv.org/abs/2402.05369): scores each response on its own,
     pushing the chosen reward up in absolute terms (against likelihood collapse).
 
@@ -142,8 +176,9 @@ def nca_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def bco_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """BCO on pairs (Jung et al. 2024, https://arxiv.org/abs/2404.04656), without the running reward shift:
     chosen classified as good, rejected as bad, each by its own implicit reward.
 
@@ -156,8 +191,9 @@ def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-              beta: float = 0.1):
+def sppo_hard(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """SPPO with hard win probabilities (Wu et al. 2024, https://arxiv.org/abs/2405.00675, Eq. 4.7 with P = 1
     for the chosen and 0 for the rejected response).
 
@@ -170,8 +206,15 @@ def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def aot(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float = 0.1, label_smoothing: float = 0.0):
+def aot(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """AOT, paired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882): distributional alignment via
     optimal transport; the policy and reference log-ratio pi_c - pi_r and ref_c - ref_r are each sorted over
     the batch and matched by rank.
@@ -186,8 +229,15 @@ def aot(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return (_cdpo(beta * d, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
 
 
-def aot_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float = 0.1, label_smoothing: float = 0.0):
+def aot_unpaired(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """AOT, unpaired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882): chosen and rejected log ratios
     sorted separately over the batch and matched by rank.
 
@@ -200,8 +250,9 @@ def aot_unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     return (_cdpo(beta * d, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
 
 
-def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def apo_zero(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 7): for chosen outputs better
     than the model's own; raises chosen likelihood, lowers rejected.
 
@@ -214,8 +265,9 @@ def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def apo_down(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1
+):
     """APO-down (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 8): for chosen outputs worse
     than the model's own; lowers chosen likelihood, rejected more.
 
@@ -229,8 +281,15 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def discopop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1, discopop_tau: float = 0.05):
+def discopop(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    discopop_tau: float = 0.05,
+):
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, https://arxiv.org/abs/2406.08414, Eq. 5):
     blends the logistic and exponential losses with a sigmoid gate on the logit.
 
@@ -245,8 +304,16 @@ def discopop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def sigmoid_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 chosen_len, rejected_len, beta: float = 0.1):
+def sigmoid_norm(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    chosen_len,
+    rejected_len,
+    beta: float = 0.1,
+):
     """Length-normalised DPO (DPO on per-token mean log ratios; see the length-normalisation discussion in
     SimPO, https://arxiv.org/abs/2405.14734; TRL 1.16 ``sigmoid_norm``).
 
@@ -259,8 +326,15 @@ def sigmoid_norm(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     return (-F.logsigmoid(beta * x), *_rewards(pc, pr, rc, rr, beta))
 
 
-def dpop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-         beta: float = 0.1, dpop_lambda: float = 50.0):
+def dpop(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    dpop_lambda: float = 50.0,
+):
     """DPO-Positive (Pal et al. 2024, Smaug, https://arxiv.org/abs/2402.13228, Eq. 3): DPO plus a penalty
     whenever the chosen log-prob falls below the reference's (the failure mode where both likelihoods drop).
 
@@ -274,8 +348,16 @@ def dpop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
     return (-F.logsigmoid(beta * (x - dpop_lambda * penalty)), *_rewards(pc, pr, rc, rr, beta))
 
 
-def rpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        chosen_len, beta: float = 0.1, rpo_alpha: float = 1.0):
+def rpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    chosen_len,
+    beta: float = 0.1,
+    rpo_alpha: float = 1.0,
+):
     """RPO / DPO + NLL (Pang et al. 2024, Iterative Reasoning Preference Optimization,
     https://arxiv.org/abs/2404.19733, Eq. 1): DPO plus the length-normalised negative log-likelihood of the
     chosen response.
@@ -290,8 +372,17 @@ def rpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     return (-F.logsigmoid(beta * x) + rpo_alpha * nll, *_rewards(pc, pr, rc, rr, beta))
 
 
-def rdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-         chosen_len, rejected_len, beta: float = 0.1, rdpo_alpha: float = 0.01):
+def rdpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    chosen_len,
+    rejected_len,
+    beta: float = 0.1,
+    rdpo_alpha: float = 0.01,
+):
     """R-DPO, length-regularised DPO (Park et al. 2024, https://arxiv.org/abs/2403.19159, Eq. 9): subtracts a
     margin proportional to the length difference, so a longer chosen answer earns less.
 
@@ -305,8 +396,17 @@ def rdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def simpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-          chosen_len, rejected_len, beta: float = 2.0, simpo_gamma: float = 0.5):
+def simpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    chosen_len,
+    rejected_len,
+    beta: float = 2.0,
+    simpo_gamma: float = 0.5,
+):
     """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6): reference-free, length-normalised,
     with a target reward margin gamma.
 
@@ -324,8 +424,25 @@ def simpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
 LOSSES = {
     f.__name__: f
     for f in [
-        sigmoid, ipo, ipo_norm, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired,
-        apo_zero, apo_down, discopop, sigmoid_norm, dpop, rpo, rdpo, simpo,
+        sigmoid,
+        ipo,
+        ipo_norm,
+        hinge,
+        robust,
+        exo_pair,
+        nca_pair,
+        bco_pair,
+        sppo_hard,
+        aot,
+        aot_unpaired,
+        apo_zero,
+        apo_down,
+        discopop,
+        sigmoid_norm,
+        dpop,
+        rpo,
+        rdpo,
+        simpo,
     ]
 }
 

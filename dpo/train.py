@@ -51,10 +51,14 @@ class TrainConfig:
     cache: str  # stage-1 cache directory with the training pairs
     out: str  # run directory (created; must be new unless resume=True)
     eval_cache: str | None = None  # stage-1 cache with eval pairs, scored as probes (split='eval')
-    model: str | None = None  # policy initialisation (HF dir); None = the model recorded in the cache manifest
+    model: str | None = (
+        None  # policy initialisation (HF dir); None = the model recorded in the cache manifest
+    )
     loss: str = "sigmoid"  # a name in dpo.losses.LOSSES
     beta: float | None = None  # None = the loss's default (0.1; simpo 2.0)
-    label_smoothing: float | None = None  # sigmoid/robust/aot: flip probability; exo_pair: epsilon (default 1e-3)
+    label_smoothing: float | None = (
+        None  # sigmoid/robust/aot: flip probability; exo_pair: epsilon (default 1e-3)
+    )
     rpo_alpha: float | None = None  # rpo: weight of the chosen NLL (default 1.0)
     rdpo_alpha: float | None = None  # rdpo: length penalty per token (default 0.01)
     simpo_gamma: float | None = None  # simpo: target margin (default 0.5)
@@ -80,7 +84,7 @@ class TrainConfig:
     live_ref: bool = False  # load the reference model and score it live instead of reading the cache
     ref_model: str | None = None  # reference for live_ref; None = the model recorded in the cache manifest
     probe_every: int = 10  # score the probe pairs every K steps (0 = only at start and end)
-    probe_size: int = 32  # probe pairs per split (train, eval)
+    probe_size: int = 32  # probe pairs per split (train, eval); 0 = no probes
     checkpoint_every: int = 100  # checkpoint every K steps (0 = only at the end)
     keep_checkpoints: int = 2
     flush_seconds: float = 30.0  # write logs at least this often (and at every checkpoint)
@@ -93,8 +97,15 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "progress", "out", "flush_seconds", "threads", "keep_checkpoints"}
-LOSS_PARAM_FIELDS = ("beta", "label_smoothing", "rpo_alpha", "rdpo_alpha", "simpo_gamma", "dpop_lambda",
-                     "discopop_tau")
+LOSS_PARAM_FIELDS = (
+    "beta",
+    "label_smoothing",
+    "rpo_alpha",
+    "rdpo_alpha",
+    "simpo_gamma",
+    "dpop_lambda",
+    "discopop_tau",
+)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -113,13 +124,16 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
 
     # ---- processes and device ----
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0))
+    )
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
 
@@ -136,7 +150,9 @@ def train(cfg: TrainConfig) -> dict:
 
     n_micro = world * cfg.grad_accum
     if cfg.batch_size % n_micro:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = {n_micro}")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = {n_micro}"
+        )
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{cfg.cache}: {len(train_pairs)} pairs are fewer than --batch-size {cfg.batch_size}")
@@ -150,14 +166,24 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"unknown --dtype {cfg.dtype!r}; choose float32 or bfloat16")
 
     resolved = {
-        **dataclasses.asdict(cfg), "loss_params": loss_params, "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "world_size": world,
-        "micro_batch_size": cfg.batch_size // n_micro, "train_pairs": len(train_pairs),
+        **dataclasses.asdict(cfg),
+        "loss_params": loss_params,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": warmup,
+        "world_size": world,
+        "micro_batch_size": cfg.batch_size // n_micro,
+        "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs) if eval_pairs is not None else 0,
         "cache_fingerprint": cache_fingerprint(cfg.cache, manifest),
-        "eval_cache_fingerprint": cache_fingerprint(cfg.eval_cache, eval_pairs.manifest) if eval_pairs else None,
-        "versions": {"refcache": refcache.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
+        "eval_cache_fingerprint": cache_fingerprint(cfg.eval_cache, eval_pairs.manifest)
+        if eval_pairs
+        else None,
+        "versions": {
+            "refcache": refcache.__version__,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
     }
 
     # ---- run directory: fresh, or resume from the latest checkpoint ----
@@ -173,13 +199,21 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = load_policy(cfg)
     net = CompletionLogps(model).to(device)
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    ddp_net = (
+        torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if world > 1
+        else net
+    )
     ref_net = None
     if cfg.live_ref:
         ref_net = CompletionLogps(_load_causal_lm(cfg.ref_model)).to(device).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio)
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     step, step_rows, part_seq = 0, [], 0
@@ -200,6 +234,7 @@ def train(cfg: TrainConfig) -> dict:
     probes = [("train", train_pairs, D.probe_subset(len(train_pairs), cfg.probe_size, cfg.seed))]
     if eval_pairs is not None:
         probes.append(("eval", eval_pairs, D.probe_subset(len(eval_pairs), cfg.probe_size, cfg.seed)))
+    probes = [p for p in probes if len(p[2])]  # probe_size 0: no probes at all
     micro_bs = cfg.batch_size // n_micro
     ex_buffer, timers = [], {"log": 0.0, "probe": 0.0, "checkpoint": 0.0, "train": 0.0}
     last_flush = time.perf_counter()
@@ -223,12 +258,22 @@ def train(cfg: TrainConfig) -> dict:
         """Columns for examples/ from v: (n, 7) float64 [pc, pr, rc, rr, loss, reward_c, reward_r]."""
         n = len(idx)
         return {
-            "run_id": [run_id] * n, "step": np.full(n, s, np.int64), "epoch": np.full(n, s / steps_per_epoch),
-            "source": [source] * n, "split": [split] * n, "pair_id": pairs.pair_id[idx].tolist(),
-            "policy_chosen_logp": v[:, 0], "policy_rejected_logp": v[:, 1], "ref_chosen_logp": v[:, 2],
-            "ref_rejected_logp": v[:, 3], "chosen_reward": v[:, 5], "rejected_reward": v[:, 6],
-            "margin": v[:, 5] - v[:, 6], "loss": v[:, 4],
-            "chosen_len": pairs.chosen_len[idx].astype(np.int32), "rejected_len": pairs.rejected_len[idx].astype(np.int32),
+            "run_id": [run_id] * n,
+            "step": np.full(n, s, np.int64),
+            "epoch": np.full(n, s / steps_per_epoch),
+            "source": [source] * n,
+            "split": [split] * n,
+            "pair_id": pairs.pair_id[idx].tolist(),
+            "policy_chosen_logp": v[:, 0],
+            "policy_rejected_logp": v[:, 1],
+            "ref_chosen_logp": v[:, 2],
+            "ref_rejected_logp": v[:, 3],
+            "chosen_reward": v[:, 5],
+            "rejected_reward": v[:, 6],
+            "margin": v[:, 5] - v[:, 6],
+            "loss": v[:, 4],
+            "chosen_len": pairs.chosen_len[idx].astype(np.int32),
+            "rejected_len": pairs.rejected_len[idx].astype(np.int32),
         }
 
     def probe(s):
@@ -242,23 +287,33 @@ def train(cfg: TrainConfig) -> dict:
                     pc, pr, _ = batch_logps(net, batch, device)
                 rc, rr = ref_sums(batch)
                 losses, rwc, rwr = _loss(cfg.loss, pc, pr, rc, rr, batch, loss_params, device)
-                vals.append(torch.stack([pc, pr, rc, rr, losses.double(), rwc.double(), rwr.double()], 1).cpu())
+                vals.append(
+                    torch.stack([pc, pr, rc, rr, losses.double(), rwc.double(), rwr.double()], 1).cpu()
+                )
                 order.append(chunk)
             v, idx = torch.cat(vals).numpy(), np.concatenate(order)
             ex_buffer.append(example_rows(s, "probe", split, pairs, idx, v))
             margin = v[:, 5] - v[:, 6]
-            last_probe[split] = {"step": s, "reward_accuracy": float((margin > 0).mean()),
-                                 "reward_margin": float(margin.mean()), "loss": float(v[:, 4].mean())}
+            last_probe[split] = {
+                "step": s,
+                "reward_accuracy": float((margin > 0).mean()),
+                "reward_margin": float(margin.mean()),
+                "loss": float(v[:, 4].mean()),
+            }
         timers["probe"] += time.perf_counter() - t0
 
     def flush():
         """Rewrite steps.parquet and write buffered example rows as a new part, both atomically."""
         nonlocal part_seq, last_flush
         t0 = time.perf_counter()
-        _write_parquet(pa.Table.from_pylist(step_rows, schema=STEPS_SCHEMA), os.path.join(run, "steps.parquet"))
+        _write_parquet(
+            pa.Table.from_pylist(step_rows, schema=STEPS_SCHEMA), os.path.join(run, "steps.parquet")
+        )
         if ex_buffer:
             cols = {k: np.concatenate([np.asarray(b[k]) for b in ex_buffer]) for k in EXAMPLES_SCHEMA.names}
-            _write_parquet(pa.table(cols, schema=EXAMPLES_SCHEMA), os.path.join(ex_dir, f"part-{part_seq:06d}.parquet"))
+            _write_parquet(
+                pa.table(cols, schema=EXAMPLES_SCHEMA), os.path.join(ex_dir, f"part-{part_seq:06d}.parquet")
+            )
             part_seq += 1
             ex_buffer.clear()
         last_flush = time.perf_counter()
@@ -269,10 +324,18 @@ def train(cfg: TrainConfig) -> dict:
         flush()
         t0 = time.perf_counter()
         state = {
-            "step": s, "model": _trainable_state(model), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": _get_rng(), "steps_rows": list(step_rows),
-            "data": {"epoch": s // steps_per_epoch, "batch": s % steps_per_epoch,
-                     "steps_per_epoch": steps_per_epoch, "seed": cfg.seed},
+            "step": s,
+            "model": _trainable_state(model),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _get_rng(),
+            "steps_rows": list(step_rows),
+            "data": {
+                "epoch": s // steps_per_epoch,
+                "batch": s % steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "seed": cfg.seed,
+            },
             "run_id": run_id,
         }
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -290,8 +353,14 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the loop ----
     net.train()
     step_delay = float(os.environ.get("REFCACHE_STEP_DELAY", "0"))  # testing aid: slow a run down to kill it
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (master and cfg.progress),
-               dynamic_ncols=True, desc=os.path.basename(os.path.normpath(run)))
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        disable=not (master and cfg.progress),
+        dynamic_ncols=True,
+        desc=os.path.basename(os.path.normpath(run)),
+    )
     while step < total_steps:
         if master and cfg.probe_every and step % cfg.probe_every == 0:
             probe(step)
@@ -309,10 +378,16 @@ def train(cfg: TrainConfig) -> dict:
                 rc, rr = ref_sums(batch)
                 losses, rwc, rwr = _loss(cfg.loss, pc, pr, rc, rr, batch, loss_params, device)
                 (losses.sum() * (world / cfg.batch_size)).backward()
-            stats.append(torch.stack([pc.detach(), pr.detach(), rc, rr, losses.detach().double(),
-                                      rwc.double(), rwr.double()], 1))
+            stats.append(
+                torch.stack(
+                    [pc.detach(), pr.detach(), rc, rr, losses.detach().double(), rwc.double(), rwr.double()],
+                    1,
+                )
+            )
             tokens += batch["tokens"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        )
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -330,17 +405,32 @@ def train(cfg: TrainConfig) -> dict:
             ex_buffer.append(example_rows(step, "train", "train", train_pairs, idx, v))
             margin = v[:, 5] - v[:, 6]
             row = {
-                "run_id": run_id, "step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                "loss": float(v[:, 4].mean()), "grad_norm": float(grad_norm),
-                "reward_chosen": float(v[:, 5].mean()), "reward_rejected": float(v[:, 6].mean()),
-                "reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).mean()),
-                "policy_chosen_logp": float(v[:, 0].mean()), "policy_rejected_logp": float(v[:, 1].mean()),
-                "ref_chosen_logp": float(v[:, 2].mean()), "ref_rejected_logp": float(v[:, 3].mean()),
-                "tokens": int(tokens), "seconds": seconds, "samples_per_s": cfg.batch_size / seconds,
+                "run_id": run_id,
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "lr": lr,
+                "loss": float(v[:, 4].mean()),
+                "grad_norm": float(grad_norm),
+                "reward_chosen": float(v[:, 5].mean()),
+                "reward_rejected": float(v[:, 6].mean()),
+                "reward_margin": float(margin.mean()),
+                "reward_accuracy": float((margin > 0).mean()),
+                "policy_chosen_logp": float(v[:, 0].mean()),
+                "policy_rejected_logp": float(v[:, 1].mean()),
+                "ref_chosen_logp": float(v[:, 2].mean()),
+                "ref_rejected_logp": float(v[:, 3].mean()),
+                "tokens": int(tokens),
+                "seconds": seconds,
+                "samples_per_s": cfg.batch_size / seconds,
             }
             step_rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
-                            acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                margin=f"{row['reward_margin']:.3f}",
+                acc=f"{row['reward_accuracy']:.2f}",
+                sps=f"{row['samples_per_s']:.1f}",
+                refresh=False,
+            )
             bar.update(1)
         timers["log"] += time.perf_counter() - t1
         step += 1
@@ -353,6 +443,9 @@ def train(cfg: TrainConfig) -> dict:
         if step_delay:
             time.sleep(step_delay)
     bar.close()
+    timers["peak_rss_loop"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )  # before the final save
 
     # ---- the end: final probe, checkpoint, model, summary ----
     summary = None
@@ -361,9 +454,13 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint(total_steps)
         if cfg.save_final:
             save_final(model, cfg.model, os.path.join(run, "final"))
-        summary = _summary(run, run_id, resolved, step_rows, last_probe, timers, time.perf_counter() - t_start, device)
+        summary = _summary(
+            run, run_id, resolved, step_rows, last_probe, timers, time.perf_counter() - t_start, device
+        )
         _write_json(os.path.join(run, "summary.json"), summary)
     _barrier(world)
+    if own_group:
+        dist.destroy_process_group()
     return summary
 
 
@@ -385,7 +482,12 @@ def lr_factor(s: int, warmup: int, total: int, schedule: str, min_ratio: float) 
 
 
 def _loss(name, pc, pr, rc, rr, batch, params, device):
-    logps = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    logps = {
+        "policy_chosen_logps": pc,
+        "policy_rejected_logps": pr,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
     data = {k: batch[k].to(device) for k in L.needs(name)}
     return L.compute(name, logps, data, params)
 
@@ -397,7 +499,8 @@ def _chunks(subset, lengths, size):
 
 def _gather_stats(v, tokens, world):
     out = torch.empty((world * v.shape[0], v.shape[1]), dtype=v.dtype, device=v.device)
-    dist.all_gather_into_tensor(out, v.contiguous())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, v.contiguous())
     t = torch.tensor([tokens], dtype=torch.int64, device=v.device)
     dist.all_reduce(t)
     return out, int(t.item())
@@ -452,8 +555,16 @@ def load_policy(cfg: TrainConfig):
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise UserError("--lora needs peft: pip install 'refcache[lora]'") from None
-        model = get_peft_model(model, LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
@@ -464,7 +575,9 @@ def save_final(model, source_dir, out_dir):
     to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     to_save.save_pretrained(tmp, safe_serialization=True)
     for f in os.listdir(source_dir):
-        if f.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template", "added_tokens")) or f.endswith(".model"):
+        if f.startswith(
+            ("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template", "added_tokens")
+        ) or f.endswith(".model"):
             shutil.copy2(os.path.join(source_dir, f), os.path.join(tmp, f))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -478,13 +591,17 @@ def _trainable_state(model):
 def _load_trainable(model, state):
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
     if missing:
-        raise UserError(f"checkpoint lacks trainable weights ({sorted(missing)[0]}, ...); start a new --out")
+        raise UserError(f"checkpoint lacks trainable weights ({min(missing)}, ...); start a new --out")
     model.load_state_dict(state, strict=False)
 
 
 def _get_rng():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng(s):
@@ -496,6 +613,7 @@ def _set_rng(s):
 
 
 # ---- manifest checks ---------------------------------------------------------------------------------------
+
 
 def _manifest_model_path(manifest, cache_dir):
     model = manifest.get("model") or {}
@@ -514,14 +632,20 @@ def check_policy(manifest, model_dir, cache_dir, allow_mismatch):
     from pipeline import fingerprint
 
     if not os.path.isdir(model_dir):
-        raise UserError(f"model directory {model_dir} not found; pass --model with a local Hugging Face model dir")
+        raise UserError(
+            f"model directory {model_dir} not found; pass --model with a local Hugging Face model dir"
+        )
     diffs = []
     for what, ident in (("model", fingerprint.model_identity), ("tokenizer", fingerprint.tokenizer_identity)):
-        diffs += [f"{what} {k}" for k in fingerprint.identity_diff(manifest.get(what) or {}, ident(model_dir), what)]
+        diffs += [
+            f"{what} {k}" for k in fingerprint.identity_diff(manifest.get(what) or {}, ident(model_dir), what)
+        ]
     if diffs and not allow_mismatch:
-        raise UserError(f"policy {model_dir} does not match the model cache {cache_dir} was scored with "
-                        f"(differs: {', '.join(diffs)}), so step 0 would not start at the reference; re-run "
-                        "precompute with this model, or pass --allow-mismatch to train anyway")
+        raise UserError(
+            f"policy {model_dir} does not match the model cache {cache_dir} was scored with "
+            f"(differs: {', '.join(diffs)}), so step 0 would not start at the reference; re-run "
+            "precompute with this model, or pass --allow-mismatch to train anyway"
+        )
 
 
 def check_caches(train_manifest, eval_manifest, train_dir, eval_dir, allow_mismatch):
@@ -530,20 +654,30 @@ def check_caches(train_manifest, eval_manifest, train_dir, eval_dir, allow_misma
 
     diffs = []
     for what in ("model", "tokenizer"):
-        diffs += [f"{what} {k}" for k in fingerprint.identity_diff(
-            train_manifest.get(what) or {}, eval_manifest.get(what) or {}, what)]
+        diffs += [
+            f"{what} {k}"
+            for k in fingerprint.identity_diff(
+                train_manifest.get(what) or {}, eval_manifest.get(what) or {}, what
+            )
+        ]
     a, b = train_manifest.get("tokenization") or {}, eval_manifest.get("tokenization") or {}
     diffs += [f"tokenization {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diffs and not allow_mismatch:
-        raise UserError(f"eval cache {eval_dir} was built differently from {train_dir} (differs: {', '.join(diffs)}); "
-                        "rebuild it with the same model and settings, or pass --allow-mismatch")
+        raise UserError(
+            f"eval cache {eval_dir} was built differently from {train_dir} (differs: {', '.join(diffs)}); "
+            "rebuild it with the same model and settings, or pass --allow-mismatch"
+        )
 
 
 def cache_fingerprint(cache_dir, manifest):
     with open(os.path.join(cache_dir, "manifest.json"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     keep = ("schema_version", "model", "tokenizer", "tokenization", "backend", "dataset")
-    return {"path": os.path.abspath(cache_dir), "manifest_sha256": digest, **{k: manifest.get(k) for k in keep}}
+    return {
+        "path": os.path.abspath(cache_dir),
+        "manifest_sha256": digest,
+        **{k: manifest.get(k) for k in keep},
+    }
 
 
 # ---- run directory --------------------------------------------------------------------------------------
@@ -560,19 +694,28 @@ def _prepare_run_dir(run, cfg, resolved, ckpt_path):
     if ckpt_path:
         with open(cfg_path) as f:
             old = json.load(f)
-        changed = [k for k in resolved if k not in _RESUME_FREE and k not in ("run_id", "versions")
-                   and _norm(old.get(k)) != _norm(resolved[k])]
+        changed = [
+            k
+            for k in resolved
+            if k not in _RESUME_FREE
+            and k not in ("run_id", "versions")
+            and _norm(old.get(k)) != _norm(resolved[k])
+        ]
         if changed:
             k = changed[0]
-            raise UserError(f"{run} was started with different settings ({', '.join(changed)}; e.g. {k}: "
-                            f"{old.get(k)!r} then, {resolved[k]!r} now); resume with the same settings or use a new --out")
+            raise UserError(
+                f"{run} was started with different settings ({', '.join(changed)}; e.g. {k}: "
+                f"{old.get(k)!r} then, {resolved[k]!r} now); resume with the same settings or use a new --out"
+            )
         for f in ("summary.json",):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run, f))
         return old["run_id"]
     if os.path.isdir(run) and os.listdir(run):
         if not cfg.resume:
-            raise UserError(f"{run} already exists and is not empty; pass --resume to continue that run or choose a new --out")
+            raise UserError(
+                f"{run} already exists and is not empty; pass --resume to continue that run or choose a new --out"
+            )
         # --resume without a checkpoint: the run died before its first checkpoint; start it over
         for sub in ("examples", "checkpoints", "final"):
             shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
@@ -622,21 +765,26 @@ def _write_json(path, obj):
 
 def _summary(run, run_id, resolved, step_rows, last_probe, timers, wall, device):
     steps_s = [r["seconds"] for r in step_rows]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "run_id": run_id, "run_dir": os.path.abspath(run), "loss": resolved["loss"],
-        "loss_params": resolved["loss_params"], "steps": len(step_rows),
+        "run_id": run_id,
+        "run_dir": os.path.abspath(run),
+        "loss": resolved["loss"],
+        "loss_params": resolved["loss_params"],
+        "steps": len(step_rows),
         "epochs": len(step_rows) / resolved["steps_per_epoch"],
         "first_loss": step_rows[0]["loss"] if step_rows else None,
         "final_loss": step_rows[-1]["loss"] if step_rows else None,
         "final_train_reward_accuracy": step_rows[-1]["reward_accuracy"] if step_rows else None,
-        "probe": last_probe, "wall_seconds": wall,
+        "probe": last_probe,
+        "wall_seconds": wall,
         "step_seconds_median": float(np.median(steps_s)) if steps_s else None,
         "samples_per_s": resolved["batch_size"] * len(steps_s) / sum(steps_s) if steps_s else None,
-        "train_seconds": timers["train"], "probe_seconds": timers["probe"],
-        "logging_seconds": timers["log"], "checkpoint_seconds": timers["checkpoint"],
+        "train_seconds": timers["train"],
+        "probe_seconds": timers["probe"],
+        "logging_seconds": timers["log"],
+        "checkpoint_seconds": timers["checkpoint"],
         "logging_share_of_step_time": timers["log"] / timers["train"] if timers["train"] else None,
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": timers["peak_rss_loop"],  # process peak up to the end of the training loop
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "final_model": os.path.abspath(os.path.join(run, "final")) if resolved["save_final"] else None,
     }

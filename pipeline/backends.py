@@ -47,6 +47,7 @@ class HFScorer:
     log-softmax is taken in fp32 one row at a time (logsumexp + gather, never a full fp32 [B, T, V] tensor)."""
 
     name = "hf"
+    post_seconds = 0.0  # the forward pass ends in numpy already
 
     def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, **_ignored):
         import transformers
@@ -129,9 +130,9 @@ class VLLMScorer:
         if gpu_memory_utilization is None:
             gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.1
         self.gpu_memory_utilization = float(gpu_memory_utilization)
-        kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, skip_tokenizer_init=True,
-                      tensor_parallel_size=self.tensor_parallel_size,
-                      gpu_memory_utilization=self.gpu_memory_utilization)
+        kwargs = {"model": str(model_dir), "dtype": dtype, "seed": seed, "skip_tokenizer_init": True,
+                  "tensor_parallel_size": self.tensor_parallel_size,
+                  "gpu_memory_utilization": self.gpu_memory_utilization}
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
         if batch_size:

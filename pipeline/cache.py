@@ -106,7 +106,7 @@ def part_meta(path: Path) -> dict | None:
         if pf.metadata.num_rows != meta["part"]["rows_kept"]:
             return None
         return meta
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or not ours: recompute it
         return None
 
 
@@ -119,18 +119,10 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     """Refuse to add to a cache made with other settings (checks manifest, shard manifests, parts)."""
     cache_dir = Path(cache_dir)
     found = []
-    if (cache_dir / "manifest.json").exists():
-        try:
-            m = json.loads((cache_dir / "manifest.json").read_text())
-            found.append(("manifest.json", m.get("fingerprint"), m.get("settings", {})))
-        except Exception:
-            pass
-    for f in sorted(cache_dir.glob("_shard-*.json")):
-        try:
-            m = json.loads(f.read_text())
+    for f in [cache_dir / "manifest.json", *sorted(cache_dir.glob("_shard-*.json"))]:
+        m = _read_json(f)
+        if m is not None:
             found.append((f.name, m.get("fingerprint"), m.get("settings", {})))
-        except Exception:
-            pass
     for f in sorted(cache_dir.glob("part-*.parquet"))[:1]:
         m = part_meta(f)
         if m:
@@ -140,6 +132,15 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
             diff = ", ".join(settings_diff(old, settings)) or "unknown"
             raise UserError(f"{cache_dir}/{name} was made with different settings ({diff} differ); "
                             "use a new --out directory or delete this one")
+
+
+def _read_json(path: Path):
+    """A JSON object from `path`, or None when missing or unreadable (it will be rewritten)."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
 
 
 def done_parts(cache_dir: Path, fingerprint: str) -> dict[int, dict]:
@@ -160,10 +161,10 @@ def merge(cache_dir) -> dict:
     cache_dir = Path(cache_dir)
     shards = []
     for f in sorted(cache_dir.glob("_shard-*.json")):
-        try:
-            shards.append(json.loads(f.read_text()))
-        except Exception:
-            raise UserError(f"{f}: unreadable shard manifest; re-run that shard") from None
+        m = _read_json(f)
+        if m is None:
+            raise UserError(f"{f}: unreadable shard manifest; re-run that shard")
+        shards.append(m)
     if not shards:
         raise UserError(f"{cache_dir}: no finished shard (no _shard-*.json); run precompute first")
     fps = {s["fingerprint"] for s in shards}
@@ -232,10 +233,9 @@ def read_manifest(cache_dir) -> dict:
         hint = " (parts exist: finish the shards or run `refcache merge`)" if glob.glob(
             str(Path(cache_dir) / "part-*.parquet")) else ""
         raise UserError(f"{cache_dir}: not a finished refcache cache (no manifest.json){hint}")
-    try:
-        m = json.loads(path.read_text())
-    except Exception as e:
-        raise UserError(f"{path}: unreadable manifest ({e})") from None
+    m = _read_json(path)
+    if m is None:
+        raise UserError(f"{path}: unreadable manifest; re-run precompute or `refcache merge`")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{path}: cache schema_version {m.get('schema_version')}, this refcache reads "
                         f"{SCHEMA_VERSION}; re-run precompute")
@@ -251,7 +251,7 @@ def load_table(cache_dir, columns=None) -> pa.Table:
     for s in m["shards"]:
         try:
             tables.append(pq.read_table(cache_dir / s["file"], columns=want))
-        except Exception as e:
+        except (OSError, ValueError) as e:
             raise UserError(f"{cache_dir / s['file']}: unreadable part ({e}); re-run precompute") from None
     schema = CACHE_SCHEMA if want is None else pa.schema([CACHE_SCHEMA.field(c) for c in want])
     t = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else schema.empty_table()

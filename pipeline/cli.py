@@ -47,7 +47,7 @@ def add_commands(sub):
     v.add_argument("cache", metavar="CACHE")
     v.add_argument("--sample", type=int, default=32, metavar="N", help="pairs to re-score (default 32)")
     v.add_argument("--tolerance", type=float, default=None, metavar="NATS",
-                   help="max per-token |diff| (default 1e-4 for float32 caches, 0.1 for bfloat16)")
+                   help="max per-token |diff| (default 1e-4 for float32 caches, 0.25 for bfloat16)")
     v.add_argument("--beta", type=float, default=0.1, help="beta for the implied reward error (default 0.1)")
     v.add_argument("--model", default=None, help="model directory, if it moved since precompute")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the cache's dtype")

@@ -109,7 +109,7 @@ class Source:
                 else:
                     return None
             return total
-        except Exception:
+        except Exception:  # noqa: BLE001 - only a progress-bar estimate
             return None
 
     def describe(self) -> dict:
@@ -144,7 +144,7 @@ def _load_dataset(d: Path):
         return datasets.load_from_disk(str(d))
     except UserError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure here is the dataset's, reported on one line
         raise UserError(f"{d}: cannot load the saved dataset ({type(e).__name__}: {e})") from None
 
 
@@ -161,12 +161,15 @@ def _batch_rows(batch: dict):
         yield {k: batch[k][i] for k in names}, None
 
 
-def _read_jsonl(f: Path):
+def _open(f: Path, mode="rb", **kw):
     try:
-        fh = open(f, "rb")
+        return open(f, mode, **kw)  # the caller closes it with `with`
     except OSError as e:
         raise UserError(f"{f}: cannot open ({e.strerror})") from None
-    with fh:
+
+
+def _read_jsonl(f: Path):
+    with _open(f) as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue  # blank lines are not rows
@@ -188,11 +191,7 @@ def _read_jsonl(f: Path):
 
 def _read_json(f: Path):
     """A top-level JSON array of objects, parsed one element at a time. (JSON Lines in a .json file also work.)"""
-    try:
-        fh = open(f, "rb")
-    except OSError as e:
-        raise UserError(f"{f}: cannot open ({e.strerror})") from None
-    with fh:
+    with _open(f) as fh:
         head = fh.read(4096).lstrip()
         if head.startswith(b"\xef\xbb\xbf"):
             head = head[3:].lstrip()
@@ -243,8 +242,10 @@ def _read_json(f: Path):
                 raise UserError(f"{f}: invalid JSON in element {n} ({e.msg}); fix the file or use JSONL") from None
             pos = end
             n += 1
-            yield (rec, None) if isinstance(rec, dict) else (None, f"element {n - 1}: expected a JSON object, "
-                                                                   f"got {type(rec).__name__}")
+            if isinstance(rec, dict):
+                yield rec, None
+            else:
+                yield None, f"element {n - 1}: expected a JSON object, got {type(rec).__name__}"
 
 
 def _read_parquet(f: Path):
@@ -252,7 +253,7 @@ def _read_parquet(f: Path):
 
     try:
         pf = pq.ParquetFile(f)
-    except Exception as e:
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise UserError(f"{f}: not a readable Parquet file ({e})") from None
     for batch in pf.iter_batches(batch_size=BATCH_ROWS):
         for rec in batch.to_pylist():
@@ -261,11 +262,7 @@ def _read_parquet(f: Path):
 
 def _read_csv(f: Path):
     csv.field_size_limit(sys.maxsize)
-    try:
-        fh = open(f, encoding="utf-8", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise UserError(f"{f}: cannot open ({e.strerror})") from None
-    with fh:
+    with _open(f, "r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         for i, rec in enumerate(reader):
             bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]

@@ -27,7 +27,7 @@ def resolve_model_dir(model) -> Path:
             from huggingface_hub import snapshot_download
 
             p = Path(snapshot_download(str(model), local_files_only=True))
-        except Exception:
+        except Exception:  # noqa: BLE001 - not cached locally, for whatever reason
             raise UserError(f"{model}: no such directory, and not a model in the local Hugging Face cache") from None
     if not p.is_dir():
         raise UserError(f"{model}: not a model directory")

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import refcache
 from pipeline import cache
 from pipeline.backends import make_scorer, resolve_backend, torch_dtype
 from pipeline.data import Reject, Source, normalize
@@ -19,7 +20,6 @@ from pipeline.schema import SCHEMA_VERSION
 from pipeline.tokenize import PairTokenizer, sequences
 from pipeline.tokenize import settings as tokenization_settings
 from refcache import UserError
-import refcache
 
 SCORE_PAIRS = {"hf": 256, "vllm": 1024}  # pairs per scoring call (progress granularity)
 
@@ -44,7 +44,7 @@ def load_tokenizer(model_dir):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported on one line, naming the directory
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
@@ -95,7 +95,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                 "dataset": {**src.describe(), "sha256": data_sha, "columns": src.columns, "limit": limit,
                             "part_size": part_size}}
     stats = {"rows_read": 0, "rows_kept": 0, "rows_rejected": 0, "tokens": 0, "completion_tokens": 0,
-             "parts_written": 0, "parts_skipped": 0}
+             "parts_written": 0, "parts_skipped": 0, "load_seconds": 0.0, "post_seconds": 0.0, "write_seconds": 0.0}
     bar = _progress(src, limit, shard_n, progress)
     own_scorer = scorer is None
     score_seconds = 0.0
@@ -114,14 +114,18 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
             settings_ = dict(backend_settings, batch_size=batch_size)
             if name == "vllm":
                 settings_["max_model_len"] = settings_.get("max_model_len") or max_length + 1
+            tl = time.time()
             scorer = make_scorer(name, model_dir, dtype, **settings_)
+            stats["load_seconds"] = round(time.time() - tl, 3)
         chosen, rejected_lp = [], []
         ts = time.time()
         step = SCORE_PAIRS.get(name, 256)
         for j in range(0, len(kept), step):
             group = kept[j: j + step]
             seqs, starts = sequences(group)
+            post0 = getattr(scorer, "post_seconds", 0.0)
             lps = scorer.score(seqs, starts)
+            stats["post_seconds"] += getattr(scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
             chosen += lps[0::2]
             rejected_lp += lps[1::2]
             n_tok = sum(map(len, seqs))
@@ -129,7 +133,8 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
             stats["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             if bar is not None:
                 bar.update(len(group))
-                bar.set_postfix(tok_s=f"{stats['tokens'] / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+                busy = score_seconds + time.time() - ts  # scoring time so far (model start excluded)
+                bar.set_postfix(tok_s=f"{stats['tokens'] / max(busy, 1e-9):,.0f}", refresh=False)
         score_seconds += time.time() - ts
         if bar is not None:
             bar.update(len(rows) - len(kept))
@@ -144,7 +149,9 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                          "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
                          "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
                          "rejected_tokens": sum(len(t.rejected_ids) for t in kept)}}
+        tw = time.time()
         cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp), meta)
+        stats["write_seconds"] += time.time() - tw
         stats["rows_kept"] += len(kept)
         stats["rows_rejected"] += len(rejected)
         stats["parts_written"] += 1
@@ -180,10 +187,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         if bar is not None:
             bar.close()
         if own_scorer and scorer is not None and hasattr(scorer, "close"):
-            post = getattr(scorer, "post_seconds", None)
             scorer.close()
-            if post is not None:
-                stats["vllm_post_seconds"] = post
     if total_read == 0:
         raise UserError(f"{data}: no rows to read")
 
@@ -204,6 +208,9 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         "out": str(out), "backend": name, "dtype": dtype, "shard": f"{shard_i}/{shard_n}", "complete": bool(manifest),
         **stats, "seconds": round(seconds, 3), "score_seconds": round(score_seconds, 3),
         "tokens_per_s": stats["tokens"] / score_seconds if score_seconds else 0.0,
+        # share of the stage spent turning backend output into numpy and writing Parquet
+        "postprocess_share": (stats["post_seconds"] + stats["write_seconds"]) / (score_seconds + stats["write_seconds"])
+        if score_seconds else None,
     }
     if manifest:
         ds = manifest["dataset"]
@@ -245,9 +252,9 @@ def _progress(src, limit, shard_n, enabled):
 def format_summary(s: dict) -> str:
     lines = [f"rows read {s['rows_read']:,} = kept {s['rows_kept']:,} + rejected {s['rows_rejected']:,}"
              + (f" (shard {s['shard']})" if s["shard"] != "0/1" else ""),
-             f"scored {s['tokens']:,} tokens ({s['completion_tokens']:,} completion) with {s['backend']} "
-             f"{s['dtype']} in {s['score_seconds']:.1f} s = {s['tokens_per_s']:,.0f} tokens/s; "
-             f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}"]
+             (f"scored {s['tokens']:,} tokens ({s['completion_tokens']:,} completion) with {s['backend']} "
+              f"{s['dtype']} in {s['score_seconds']:.1f} s = {s['tokens_per_s']:,.0f} tokens/s; "
+              f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}")]
     if s.get("complete"):
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
         if s["rows_rejected"]:

@@ -76,7 +76,7 @@ class PairTokenizer:
             p = self.tok.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
             c = self.tok.apply_chat_template(pair.prompt + pair.chosen, tokenize=False)
             r = self.tok.apply_chat_template(pair.prompt + pair.rejected, tokenize=False)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a template error is this row's problem
             raise Reject(f"chat template failed: {type(e).__name__}: {e}") from None
         if not (c.startswith(p) and r.startswith(p)):
             p = self.tok.apply_chat_template(pair.prompt, tokenize=False)  # templates without a generation prompt

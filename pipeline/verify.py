@@ -14,7 +14,7 @@ from pipeline.cache import load_table, read_manifest
 from pipeline.fingerprint import file_sha256, identity_diff, model_identity
 from refcache import UserError
 
-DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.05}
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.1}  # bf16: ~0.07 seen, coarse
 
 
 def verify(cache_dir, sample=32, tolerance=None, beta=0.1, model=None, dtype=None, batch_size=16, seed=0,
@@ -26,10 +26,9 @@ def verify(cache_dir, sample=32, tolerance=None, beta=0.1, model=None, dtype=Non
             raise UserError(f"{cache_dir / s['file']}: contents changed since the manifest was written "
                             "(sha256 differs); re-run precompute")
     model_dir = model or m["model"]["path"]
-    if scorer is None:
-        if identity_diff(m["model"], model_identity(model_dir), "model"):
-            raise UserError(f"{model_dir}: weights/config differ from the model the cache was made with "
-                            f"(sha256 {m['model']['sha256'][:12]}…); pass the right --model")
+    if scorer is None and identity_diff(m["model"], model_identity(model_dir), "model"):
+        raise UserError(f"{model_dir}: weights/config differ from the model the cache was made with "
+                        f"(sha256 {m['model']['sha256'][:12]}…); pass the right --model")
     dtype = dtype or m["backend"]["dtype"]
     tolerance = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
 

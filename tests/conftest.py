@@ -12,10 +12,18 @@ The caches are built once per session in a temporary directory; treat them as re
 import os
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+# The suite runs on 2 shared cores. Two torch threads thrash when other processes compete for them (measured
+# 5-10x slower than one thread on the tiny model); one thread is about as fast when the cores are free.
+# Set before torch is imported so subprocesses inherit it too. Override: REFCACHE_TEST_THREADS=2.
+THREADS = os.environ.setdefault("REFCACHE_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(int(THREADS))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,12 @@ def paper(name, pc, pr, rc, rr, lc, lr, p):
         return [(c[i] - eta * (1 - 0.5)) ** 2 + (r[i] - eta * (0 - 0.5)) ** 2 for i in range(n)]
     if name in ("aot", "aot_unpaired"):
         if name == "aot":
-            d = [u - v for u, v in zip(sorted(pc[i] - pr[i] for i in range(n)), sorted(rc[i] - rr[i] for i in range(n)))]
+            d = [
+                u - v
+                for u, v in zip(
+                    sorted(pc[i] - pr[i] for i in range(n)), sorted(rc[i] - rr[i] for i in range(n))
+                )
+            ]
         else:
             d = [u - v for u, v in zip(sorted(c), sorted(r))]
         return [-(1 - eps) * _ls(b * di) - eps * _ls(-b * di) for di in d]
@@ -95,8 +100,14 @@ def random_batch(seed, n=16):
     return pc, pr, rc, rr, lc, lr
 
 
-PARAMS = {"label_smoothing": 0.1, "rpo_alpha": 0.7, "rdpo_alpha": 0.02, "simpo_gamma": 0.4,
-          "dpop_lambda": 5.0, "discopop_tau": 0.05}
+PARAMS = {
+    "label_smoothing": 0.1,
+    "rpo_alpha": 0.7,
+    "rdpo_alpha": 0.02,
+    "simpo_gamma": 0.4,
+    "dpop_lambda": 5.0,
+    "discopop_tau": 0.05,
+}
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
@@ -108,9 +119,16 @@ def test_loss_matches_paper_formula(name, beta):
         params = dict(PARAMS, beta=beta)
         if name == "exo_pair":
             params["label_smoothing"] = 1e-3
-        logps = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr)
-        losses, rw_c, rw_r = L.compute(name, logps, dict(chosen_len=lc, rejected_len=lr), params)
-        want = paper(name, pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), lc.tolist(), lr.tolist(), params)
+        logps = {
+            "policy_chosen_logps": pc,
+            "policy_rejected_logps": pr,
+            "ref_chosen_logps": rc,
+            "ref_rejected_logps": rr,
+        }
+        losses, rw_c, rw_r = L.compute(name, logps, {"chosen_len": lc, "rejected_len": lr}, params)
+        want = paper(
+            name, pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), lc.tolist(), lr.tolist(), params
+        )
         assert losses.shape == (16,)
         assert losses.detach().tolist() == pytest.approx(want, rel=1e-9, abs=1e-9)
         assert torch.allclose(rw_c, beta * (pc - rc)) and torch.allclose(rw_r, beta * (pr - rr))
@@ -122,7 +140,12 @@ def test_loss_matches_paper_formula(name, beta):
 @pytest.mark.parametrize("name", ["sigmoid", "robust", "hinge", "ipo"])
 def test_policy_equal_to_reference(name):
     z = torch.full((4,), -37.5, dtype=torch.float64)
-    logps = dict(policy_chosen_logps=z, policy_rejected_logps=z - 3, ref_chosen_logps=z, ref_rejected_logps=z - 3)
+    logps = {
+        "policy_chosen_logps": z,
+        "policy_rejected_logps": z - 3,
+        "ref_chosen_logps": z,
+        "ref_rejected_logps": z - 3,
+    }
     losses, rc, rr = L.compute(name, logps, params={"beta": 0.1})
     want = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": 25.0}[name]
     assert losses.tolist() == pytest.approx([want] * 4, abs=1e-12)
@@ -130,12 +153,29 @@ def test_policy_equal_to_reference(name):
 
 
 def test_registry_params_and_checks():
-    assert {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-            "apo_down", "sigmoid_norm", "dpop", "rpo", "rdpo", "simpo"} <= set(L.LOSSES)
+    assert {
+        "sigmoid",
+        "ipo",
+        "hinge",
+        "robust",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "apo_zero",
+        "apo_down",
+        "sigmoid_norm",
+        "dpop",
+        "rpo",
+        "rdpo",
+        "simpo",
+    } <= set(L.LOSSES)
     assert L.needs("simpo") == ("chosen_len", "rejected_len") and L.needs("sigmoid") == ()
     assert L.loss_params("exo_pair") == {"beta": 0.1, "label_smoothing": 1e-3}
     assert L.loss_params("simpo", {"beta": None, "simpo_gamma": 1.0, "label_smoothing": 0.2}) == {
-        "beta": 2.0, "simpo_gamma": 1.0}
+        "beta": 2.0,
+        "simpo_gamma": 1.0,
+    }
     assert "exo_pair" in L.check_params("exo_pair", {"beta": 0.1, "label_smoothing": 0.0})
     assert "[0, 0.5)" in L.check_params("robust", {"beta": 0.1, "label_smoothing": 0.5})
     assert L.check_params("sigmoid", {"beta": 0.1, "label_smoothing": 0.0}) is None
@@ -144,9 +184,19 @@ def test_registry_params_and_checks():
 # ---- agreement with TRL 1.16 -------------------------------------------------------------------------------
 
 TRL_SAME = {  # our name -> TRL loss_type with the same formula
-    "sigmoid": "sigmoid", "hinge": "hinge", "ipo_norm": "ipo", "robust": "robust", "exo_pair": "exo_pair",
-    "nca_pair": "nca_pair", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "aot": "aot",
-    "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero", "apo_down": "apo_down", "discopop": "discopop",
+    "sigmoid": "sigmoid",
+    "hinge": "hinge",
+    "ipo_norm": "ipo",
+    "robust": "robust",
+    "exo_pair": "exo_pair",
+    "nca_pair": "nca_pair",
+    "bco_pair": "bco_pair",
+    "sppo_hard": "sppo_hard",
+    "aot": "aot",
+    "aot_unpaired": "aot_unpaired",
+    "apo_zero": "apo_zero",
+    "apo_down": "apo_down",
+    "discopop": "discopop",
     "sigmoid_norm": "sigmoid_norm",
 }
 
@@ -166,20 +216,35 @@ def trl_loss(loss_type, pc, pr, rc, rr, lc, lr, beta, label_smoothing, tau):
         completion_mask[i, 1 : 1 + lens[i]] = 1  # one prompt token, then the completion
         per_token[i, : lens[i]] = totals[i] / lens[i]
     outputs = SimpleNamespace(
-        log_probs=per_token, entropy=torch.zeros_like(per_token), mean_logits=torch.zeros_like(per_token),
+        log_probs=per_token,
+        entropy=torch.zeros_like(per_token),
+        mean_logits=torch.zeros_like(per_token),
         is_top1=torch.zeros_like(per_token, dtype=torch.bool),
     )
     fake = SimpleNamespace(
         model=SimpleNamespace(training=True),
         accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t),
-        aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
         args=SimpleNamespace(discopop_tau=tau),
     )
-    inputs = {"input_ids": torch.zeros(2 * n, width, dtype=torch.long),
-              "attention_mask": torch.ones(2 * n, width, dtype=torch.long),
-              "completion_mask": completion_mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    inputs = {
+        "input_ids": torch.zeros(2 * n, width, dtype=torch.long),
+        "attention_mask": torch.ones(2 * n, width, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
     loss = DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
     return float(loss), {k: v[-1] for k, v in fake._metrics["train"].items()}
 
@@ -191,9 +256,14 @@ def test_loss_agrees_with_trl(name):
     eps = {"robust": 0.1, "exo_pair": 1e-3}.get(name, 0.0)  # TRL 1.16's sigmoid ignores label smoothing
     for seed in range(3):
         pc, pr, rc, rr, lc, lr = random_batch(100 + seed, n=8)
-        logps = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr)
+        logps = {
+            "policy_chosen_logps": pc,
+            "policy_rejected_logps": pr,
+            "ref_chosen_logps": rc,
+            "ref_rejected_logps": rr,
+        }
         params = {"beta": beta, "label_smoothing": eps, "discopop_tau": tau}
-        ours, rw_c, rw_r = L.compute(name, logps, dict(chosen_len=lc, rejected_len=lr), params)
+        ours, rw_c, rw_r = L.compute(name, logps, {"chosen_len": lc, "rejected_len": lr}, params)
         theirs, metrics = trl_loss(TRL_SAME[name], pc, pr, rc, rr, lc, lr, beta, eps, tau)
         rel = 1e-7 if name == "exo_pair" else 1e-9  # TRL takes log(eps) of a float32 tensor
         assert ours.mean().item() == pytest.approx(theirs, rel=rel, abs=1e-10)

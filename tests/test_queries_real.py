@@ -22,8 +22,8 @@ def real_run(request, tmp_path_factory):
         pytest.skip("tests/conftest.py has no train_cache/eval_cache fixtures yet")
     out = tmp_path_factory.mktemp("realrun") / "run"
     train_mod.train(train_mod.TrainConfig(
-        cache=str(train_cache), eval_cache=str(eval_cache), out=str(out), loss="sigmoid", beta=0.1, steps=12,
-        batch_size=4, probe_every=4, probe_size=16, lr=5e-4, seed=0, checkpoint_every=0, save_final=False,
+        cache=str(train_cache), eval_cache=str(eval_cache), out=str(out), loss="sigmoid", beta=0.1, steps=8,
+        batch_size=4, probe_every=4, probe_size=8, lr=5e-4, seed=0, checkpoint_every=0, save_final=False,
         progress=False))
     return {"run": out, "cache": train_cache, "eval_cache": eval_cache}
 
@@ -55,7 +55,7 @@ def test_real_run_every_diagnostic_answers(real_run, tmp_path):
     con = queries.connect([real_run["run"]])
     for q in queries.list_queries():
         df = queries.run_query(con, q.name)
-        if q.name not in ("collapse", "displacement"):  # these may legitimately be empty on 12 steps
+        if q.name not in ("collapse", "displacement"):  # these may legitimately be empty on 8 steps
             assert df.height > 0, q.name
     disp = queries.run_query(con, "displacement", {"min_margin_gain": -1e9})
     assert disp["shared_prefix_len"].null_count() == 0  # every probe pair found in the caches

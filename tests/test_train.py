@@ -20,7 +20,7 @@ from dpo.train import TrainConfig, train
 from refcache import UserError
 from refcache.cli import main as cli_main
 
-FAST = dict(batch_size=4, lr=1e-4, warmup=2, probe_size=8, progress=False, threads=1)
+FAST = {"batch_size": 4, "lr": 1e-4, "warmup": 2, "probe_size": 8, "progress": False, "threads": 1}
 
 
 def _steps(run):
@@ -42,8 +42,16 @@ def pair_of_runs(tmp_path_factory, caches):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for name, live in (("cached", False), ("live", True)):
-        cfg = TrainConfig(cache=caches[0], eval_cache=caches[1], out=str(root / name), steps=50, live_ref=live,
-                          probe_every=25, checkpoint_every=20, **FAST)
+        cfg = TrainConfig(
+            cache=caches[0],
+            eval_cache=caches[1],
+            out=str(root / name),
+            steps=50,
+            live_ref=live,
+            probe_every=25,
+            checkpoint_every=20,
+            **FAST,
+        )
         out[name] = (cfg.out, train(cfg))
     return out
 
@@ -87,7 +95,10 @@ def test_run_directory_contract(pair_of_runs):
     np.testing.assert_allclose(df.margin, df.chosen_reward - df.rejected_reward, atol=1e-12)
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
-    assert cfg["cache_fingerprint"]["model"]["sha256"] and cfg["loss_params"] == {"beta": 0.1, "label_smoothing": 0.0}
+    assert cfg["cache_fingerprint"]["model"]["sha256"] and cfg["loss_params"] == {
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+    }
     assert cfg["total_steps"] == 50 and cfg["run_id"] == summary["run_id"]
     with open(os.path.join(run, "summary.json")) as f:
         assert json.load(f)["final_loss"] == _steps(run).column("loss")[-1].as_py()
@@ -102,9 +113,34 @@ def test_run_directory_contract(pair_of_runs):
 
 
 def _cli_train(run, cache, extra=()):
-    return [sys.executable, "-m", "refcache.cli", "train", "--cache", cache, "--out", run, "--steps", "24",
-            "--batch-size", "4", "--lr", "1e-4", "--warmup", "3", "--probe-every", "7", "--probe-size", "4",
-            "--checkpoint-every", "5", "--threads", "1", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "refcache.cli",
+        "train",
+        "--cache",
+        cache,
+        "--out",
+        run,
+        "--steps",
+        "24",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "3",
+        "--probe-every",
+        "7",
+        "--probe-size",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, caches):
@@ -113,17 +149,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, caches):
     env = dict(os.environ)
     subprocess.run(_cli_train(full, train_cache), check=True, env=env, capture_output=True)
     slow = dict(env, REFCACHE_STEP_DELAY="0.25")
-    proc = subprocess.Popen(_cli_train(killed, train_cache), env=slow, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli_train(killed, train_cache), env=slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     target = os.path.join(killed, "checkpoints", "step-00000010.pt")
     deadline = time.time() + 120
     while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.4)  # let it get into step 11-12: rows past the checkpoint exist only in memory or later parts
+    time.sleep(
+        0.4
+    )  # let it get into step 11-12: rows past the checkpoint exist only in memory or later parts
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(target) and not os.path.exists(os.path.join(killed, "summary.json"))
-    r = subprocess.run(_cli_train(killed, train_cache, ["--resume"]), env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        _cli_train(killed, train_cache, ["--resume"]), env=env, capture_output=True, text=True, check=False
+    )
     assert r.returncode == 0, r.stderr
 
     a, b = _steps(full).to_pylist(), _steps(killed).to_pylist()
@@ -131,7 +172,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, caches):
     for x, y in zip(a, b):
         for k in ("loss", "grad_norm", "lr", "reward_margin", "policy_chosen_logp"):
             assert x[k] == y[k], (x["step"], k)
-    ea, eb = (_examples(r).to_pandas().sort_values(["step", "source", "split", "pair_id"]) for r in (full, killed))
+    ea, eb = (
+        _examples(r).to_pandas().sort_values(["step", "source", "split", "pair_id"]) for r in (full, killed)
+    )
     assert len(ea) == len(eb) and eb.groupby(["step", "source", "split", "pair_id"]).size().max() == 1
     np.testing.assert_array_equal(ea.loss.to_numpy(), eb.loss.to_numpy())
     from safetensors.torch import load_file
@@ -158,8 +201,15 @@ def test_manifest_mismatch_refused(tmp_path, tiny_model_dir, caches):
     name = next(iter(w))
     w[name] = w[name] + 1e-3
     save_file(w, os.path.join(other, "model.safetensors"), metadata={"format": "pt"})
-    cfg = TrainConfig(cache=train_cache, out=str(tmp_path / "run"), model=other, steps=2, probe_every=0,
-                      save_final=False, **{k: v for k, v in FAST.items()})
+    cfg = TrainConfig(
+        cache=train_cache,
+        out=str(tmp_path / "run"),
+        model=other,
+        steps=2,
+        probe_every=0,
+        save_final=False,
+        **{k: v for k, v in FAST.items()},
+    )
     with pytest.raises(UserError, match=r"model sha256.*--allow-mismatch"):
         train(cfg)
     cfg.allow_mismatch = True
@@ -187,16 +237,52 @@ def test_cli_one_line_errors(capsys, tmp_path, caches):
     train_cache = caches[0]
     not_cache = tmp_path / "not-a-cache"
     not_cache.mkdir()
-    assert "not a refcache cache" in _one_line_error(capsys, ["train", "--cache", str(not_cache), "--out", str(tmp_path / "r")])
-    assert "no such directory" in _one_line_error(capsys, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
-    assert "unknown loss 'dpo2'" in _one_line_error(capsys, ["train", "--cache", train_cache, "--out", str(tmp_path / "r"), "--loss", "dpo2"])
-    assert "exo_pair" in _one_line_error(capsys, ["train", "--cache", train_cache, "--out", str(tmp_path / "r"), "--loss", "exo_pair", "--label-smoothing", "0"])
-    assert "multiple" in _one_line_error(capsys, ["train", "--cache", train_cache, "--out", str(tmp_path / "r"), "--batch-size", "6", "--grad-accum", "4"])
+    assert "not a refcache cache" in _one_line_error(
+        capsys, ["train", "--cache", str(not_cache), "--out", str(tmp_path / "r")]
+    )
+    assert "no such directory" in _one_line_error(
+        capsys, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
+    )
+    assert "unknown loss 'dpo2'" in _one_line_error(
+        capsys, ["train", "--cache", train_cache, "--out", str(tmp_path / "r"), "--loss", "dpo2"]
+    )
+    assert "exo_pair" in _one_line_error(
+        capsys,
+        [
+            "train",
+            "--cache",
+            train_cache,
+            "--out",
+            str(tmp_path / "r"),
+            "--loss",
+            "exo_pair",
+            "--label-smoothing",
+            "0",
+        ],
+    )
+    assert "multiple" in _one_line_error(
+        capsys,
+        [
+            "train",
+            "--cache",
+            train_cache,
+            "--out",
+            str(tmp_path / "r"),
+            "--batch-size",
+            "6",
+            "--grad-accum",
+            "4",
+        ],
+    )
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
-    assert "--resume" in _one_line_error(capsys, ["train", "--cache", train_cache, "--out", str(busy), "--steps", "1"])
-    assert "comma-separated" in _one_line_error(capsys, ["sweep", "--cache", train_cache, "--out", str(tmp_path / "s"), "--beta", "0.1,abc"])
+    assert "--resume" in _one_line_error(
+        capsys, ["train", "--cache", train_cache, "--out", str(busy), "--steps", "1"]
+    )
+    assert "comma-separated" in _one_line_error(
+        capsys, ["sweep", "--cache", train_cache, "--out", str(tmp_path / "s"), "--beta", "0.1,abc"]
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -204,14 +290,37 @@ def test_sweep_trains_every_loss(tmp_path, capsys, caches):
     train_cache = caches[0]
     """One sweep over all registered losses (2 steps each) from the one cache; then a re-run skips them all."""
     names = ",".join(L.LOSSES)
-    argv = ["sweep", "--cache", train_cache, "--out", str(tmp_path), "--loss", names, "--beta", "0.1",
-            "--steps", "2", "--batch-size", "4", "--lr", "1e-4", "--probe-every", "0", "--probe-size", "4",
-            "--threads", "1", "--no-progress"]
+    argv = [
+        "sweep",
+        "--cache",
+        train_cache,
+        "--out",
+        str(tmp_path),
+        "--loss",
+        names,
+        "--beta",
+        "0.1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-4",
+        "--probe-every",
+        "0",
+        "--probe-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     for name in L.LOSSES:
         run = tmp_path / f"{name}-beta0.1"
         steps = _steps(str(run)).to_pylist()
-        assert len(steps) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+        assert len(steps) == 2 and all(
+            math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps
+        )
         assert steps[0]["grad_norm"] > 0
         with open(run / "config.json") as f:
             assert json.load(f)["loss"] == name
@@ -228,7 +337,7 @@ def test_grad_accum_lora_bf16_checkpointing(tmp_path, caches):
     ref = train(TrainConfig(out=str(tmp_path / "ref"), **base))
     ref_losses = _steps(str(tmp_path / "ref")).column("loss").to_pylist()
     # the same global batch in 2 micro-batches, and with activation checkpointing: same numbers
-    for name, extra in (("accum", dict(grad_accum=2)), ("ckpt", dict(grad_checkpointing=True))):
+    for name, extra in (("accum", {"grad_accum": 2}), ("ckpt", {"grad_checkpointing": True})):
         train(TrainConfig(out=str(tmp_path / name), **base, **extra))
         got = _steps(str(tmp_path / name)).column("loss").to_pylist()
         assert np.abs(np.asarray(got) - ref_losses).max() < 1e-6, name

@@ -27,9 +27,9 @@ def test_token_logp_gradients():
 def test_policy_logps_equal_cached_reference(pairs, tiny_model_dir, train_cache):
     """Same model as the cache's reference -> the same per-token log-probs (fp32) and sums."""
     import pyarrow as pa
+    from transformers import AutoModelForCausalLM
 
     from pipeline import cache as pcache
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     net = CompletionLogps(model)
@@ -41,8 +41,13 @@ def test_policy_logps_equal_cached_reference(pairs, tiny_model_dir, train_cache)
         pc, pr, tok = batch_logps(net, batch, "cpu")
     table = pcache.load_table(train_cache, columns=["ref_chosen_token_logps", "ref_rejected_token_logps"])
     rows = pa.array(idx)
-    want = np.concatenate([np.asarray(x, np.float32) for col in ("ref_chosen_token_logps", "ref_rejected_token_logps")
-                           for x in table.column(col).take(rows).to_pylist()])
+    want = np.concatenate(
+        [
+            np.asarray(x, np.float32)
+            for col in ("ref_chosen_token_logps", "ref_rejected_token_logps")
+            for x in table.column(col).take(rows).to_pylist()
+        ]
+    )
     assert tok.shape == want.shape
     assert np.abs(tok.numpy() - want).max() < 1e-5
     assert np.abs(pc.numpy() - pairs.ref_chosen_logp[idx]).max() < 1e-4
