@@ -181,7 +181,9 @@ def piece_stage1(ctx):
                         (("--json", "--out-json"), ctx["res"] / "stage1.json"))
     if {"--json", "--out-json"} & set(missing):
         raise RuntimeError("bench/stage1.py has no --json flag to write its figures")
-    extra, _ = opt(flags, (("--work", "--work-dir"), ctx["work"] / "stage1"),
+    scratch = ctx["work"] / "stage1"
+    shutil.rmtree(scratch, ignore_errors=True)  # its caches would otherwise be resumed, not scored again
+    extra, _ = opt(flags, (("--work", "--work-dir"), scratch),
                    ("--max-length", str(ctx["s"]["max_length"])))
     if ctx["quick"]:
         extra += opt(flags, ("--quick", None))[0]
@@ -442,6 +444,7 @@ def merge(res, s, status):
                          "step_s_all": t.get("step_s")}
                         for m, src in (("precompute", trl_pre), ("live", trl_live)) for dt, t in src.items() if t]
     tp = trl_pre["float32"] or {}
+    figs["stage2_equal_settings"] = "train_info" not in raw  # bench/train.py ran on the workload model and pairs
     figs["trl_over_refcache_step_s"] = ratio(tp.get("median_step_s"), cached and cached["step_s"])
     figs["refcache_over_trl_peak_mem"] = ratio(cached and cached["peak_rss_bytes"], tp.get("peak_rss_bytes"))
     if trl_live["float32"] and cached:
@@ -528,9 +531,12 @@ def render(report):
             f"{report['loadavg'][0]:.1f} / {report['loadavg'][1]:.1f}.")
     L = [BEGIN, "", head, "",
          "| figure | value | target | met? |", "|---|---|---|---|"]
+    unequal = {"trl_over_refcache_step_s", "refcache_over_trl_peak_mem"} if raw.get("train_info") else set()
     for k, op, v, what in TARGETS:
         m = report["targets"][k]["met"]
-        L.append(f"| `{k}` — {what} | {fmt(f.get(k))} | {op} {v} | {'—' if m is None else 'yes' if m else '**no**'} |")
+        note = " (different models: see Stage 2)" if k in unequal else ""
+        L.append(f"| `{k}` — {what} | {fmt(f.get(k))}{note} | {op} {v} | "
+                 f"{'—' if m is None else 'yes' if m else '**no**'} |")
     w = raw.get("workload") or {}
     mm = raw.get("matmul") or {}
     L += ["", "### Stage 1 — scoring throughput", ""]

@@ -95,7 +95,9 @@ def run_one(args):
         t = time.time()
         scorer = make_scorer(backend, args.model, dtype, **settings)
         start = time.time() - t
-        scorer.score([list(range(3, 40))] * 4, np.array([10] * 4))  # warm-up
+        # warm-up: one tiny run through the whole stage (first calls of the tokenizer, forward, Parquet writer)
+        precompute(args.data, args.model, Path(args.work) / f"warmup-{backend}-{dtype}", backend=backend,
+                   dtype=dtype, max_length=args.max_length, limit=4, progress=False, scorer=scorer)
         out = Path(args.work) / f"{backend}-{dtype}"
         s = precompute(args.data, args.model, out, backend=backend, dtype=dtype, max_length=args.max_length,
                        limit=args.limit, progress=False, scorer=scorer)

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synthetic  # noqa: E402
+import synthetic
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -57,21 +57,35 @@ def corpus(seed, n):
 
 def train_tokenizer(vocab_size, n_docs, seed=1234):
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     # Plain English-ish filler so the vocabulary is not only the task templates.
-    filler = [" ".join(synthetic.WORDS[i:i + 12]) for i in range(0, len(synthetic.WORDS), 12)]
+    filler = [" ".join(synthetic.WORDS[i : i + 12]) for i in range(0, len(synthetic.WORDS), 12)]
     tok.train_from_iterator(corpus(seed, n_docs) + filler, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=None,
-        additional_special_tokens=ROLE_TOKENS, chat_template=CHAT_TEMPLATE,
-        model_max_length=1024, padding_side="right", clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        additional_special_tokens=ROLE_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
     return fast
 
 
@@ -109,10 +123,11 @@ def batches(tok, seed, batch_size, group=8):
     """Endless length-grouped batches: draw group*batch_size docs, sort by length, shuffle batches."""
     rng = random.Random(seed)
     while True:
-        docs = encode_docs(tok, [synthetic.corpus_document(rng, render_chat)
-                                 for _ in range(batch_size * group)], rng)
+        docs = encode_docs(
+            tok, [synthetic.corpus_document(rng, render_chat) for _ in range(batch_size * group)], rng
+        )
         docs.sort(key=len)
-        chunk = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
+        chunk = [docs[i : i + batch_size] for i in range(0, len(docs), batch_size)]
         rng.shuffle(chunk)
         yield from chunk
 
@@ -122,8 +137,8 @@ def collate(rows, pad_id):
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
 
@@ -136,11 +151,12 @@ def mean_token_loss(model, tok, docs, batch_size=32):
     total, count = 0.0, 0
     model.eval()
     for i in range(0, len(rows), batch_size):
-        ids, mask, labels = collate(rows[i:i + batch_size], tok.pad_token_id)
+        ids, mask, labels = collate(rows[i : i + batch_size], tok.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         tgt = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100,
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum"
+        )
         total += nll.item()
         count += (tgt != -100).sum().item()
     return total / count
@@ -171,19 +187,33 @@ def main():
     print(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.1f}s)", flush=True)
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        head_dim=args.hidden // args.heads, max_position_embeddings=1024, rope_theta=10000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.02)
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, head_dim {config.head_dim}", flush=True)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step):
         if step < args.warmup:
@@ -206,26 +236,43 @@ def main():
         losses.append(loss.item())
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t_train
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {el:6.1f}s "
-                  f"eta {el / (step + 1) * (args.steps - step - 1):5.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {el:6.1f}s "
+                f"eta {el / (step + 1) * (args.steps - step - 1):5.0f}s",
+                flush=True,
+            )
     train_seconds = time.time() - t_train
     final_loss = sum(losses[-50:]) / len(losses[-50:])
 
     heldout = mean_token_loss(model, tok, corpus(args.seed + 999, 256))
-    print(f"final train loss (mean of last {len(losses[-50:])} steps) {final_loss:.4f}; "
-          f"held-out corpus loss {heldout:.4f} nats/token; uniform ln(V) = {math.log(len(tok)):.4f}")
+    print(
+        f"final train loss (mean of last {len(losses[-50:])} steps) {final_loss:.4f}; "
+        f"held-out corpus loss {heldout:.4f} nats/token; uniform ln(V) = {math.log(len(tok)):.4f}"
+    )
 
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     save_tokenizer(tok, args.out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64).save_pretrained(args.out)
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
+    ).save_pretrained(args.out)
     record = {
-        "params": n_params, "vocab_size": len(tok), "args": vars(args) | {"out": os.path.basename(args.out)},
-        "steps": args.steps, "train_seconds": round(train_seconds, 1), "threads": args.threads,
-        "final_train_loss": round(final_loss, 4), "heldout_corpus_loss": round(heldout, 4),
+        "params": n_params,
+        "vocab_size": len(tok),
+        "args": vars(args) | {"out": os.path.basename(args.out)},
+        "steps": args.steps,
+        "train_seconds": round(train_seconds, 1),
+        "threads": args.threads,
+        "final_train_loss": round(final_loss, 4),
+        "heldout_corpus_loss": round(heldout, 4),
         "uniform_loss": round(math.log(len(tok)), 4),
-        "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)],
+        "loss_curve": [
+            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)
+        ],
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(record, f, indent=1)

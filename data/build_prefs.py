@@ -27,7 +27,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synthetic as S  # noqa: E402
+import synthetic as S
 
 TRAIN_COUNTS = {"arith": 720, "near_identical": 600, "long_chosen": 360, "chat": 480, "word": 240}
 EVAL_COUNTS = {k: v // 10 for k, v in TRAIN_COUNTS.items()}
@@ -43,8 +43,11 @@ def wrong_answer(rng, p, near_rate=0.5):
 def make_row(rng, category, split):
     if category == "arith":
         p = S.draw_problem(rng, S.ARITH_KINDS, split)
-        return {"prompt": S.plain_prompt(p.question), "chosen": " " + p.answer,
-                "rejected": " " + wrong_answer(rng, p)}
+        return {
+            "prompt": S.plain_prompt(p.question),
+            "chosen": " " + p.answer,
+            "rejected": " " + wrong_answer(rng, p),
+        }
     if category == "near_identical":
         while True:
             p = S.draw_problem(rng, NUMERIC_KINDS, split)
@@ -58,19 +61,27 @@ def make_row(rng, category, split):
         return {"prompt": S.plain_prompt(p.question), "chosen": chosen, "rejected": rejected}
     if category == "long_chosen":
         p = S.draw_problem(rng, S.ALL_KINDS, split)
-        return {"prompt": S.plain_prompt(p.question), "chosen": " " + p.worked(),
-                "rejected": " " + wrong_answer(rng, p)}
+        return {
+            "prompt": S.plain_prompt(p.question),
+            "chosen": " " + p.worked(),
+            "rejected": " " + wrong_answer(rng, p),
+        }
     if category == "chat":
         p = S.draw_problem(rng, S.ALL_KINDS, split)
         w = wrong_answer(rng, p)
         worked = rng.random() < 0.25
-        return {"prompt": S.chat_messages(p.question, rng),
-                "chosen": [{"role": "assistant", "content": p.worked() if worked else p.chat()}],
-                "rejected": [{"role": "assistant", "content": p.worked(w) if worked else p.chat(w)}]}
+        return {
+            "prompt": S.chat_messages(p.question, rng),
+            "chosen": [{"role": "assistant", "content": p.worked() if worked else p.chat()}],
+            "rejected": [{"role": "assistant", "content": p.worked(w) if worked else p.chat(w)}],
+        }
     if category == "word":
         p = S.draw_problem(rng, S.WORD_KINDS, split)
-        return {"prompt": S.plain_prompt(p.question), "chosen": " " + p.answer,
-                "rejected": " " + wrong_answer(rng, p)}
+        return {
+            "prompt": S.plain_prompt(p.question),
+            "chosen": " " + p.answer,
+            "rejected": " " + wrong_answer(rng, p),
+        }
     raise ValueError(category)
 
 
@@ -78,8 +89,11 @@ def check_row(row):
     """True when the row is a valid pair whose chosen answer is right and rejected answer wrong."""
     q = S.question_of(row["prompt"])
     truth = S.solve(q)
-    return (truth is not None and S.final_answer(q, row["chosen"]) == truth
-            and S.final_answer(q, row["rejected"]) != truth)
+    return (
+        truth is not None
+        and S.final_answer(q, row["chosen"]) == truth
+        and S.final_answer(q, row["rejected"]) != truth
+    )
 
 
 def build_split(rng, counts, split):
@@ -105,11 +119,23 @@ def bad_rows(rng):
     """Three rows stage 1 must reject, each with a readable category."""
     ps = [S.draw_problem(rng, S.ARITH_KINDS, "train") for _ in range(3)]
     return [
-        {"prompt": S.plain_prompt(ps[0].question), "chosen": " " + ps[0].answer, "rejected": " " + ps[0].answer,
-         "category": "bad_identical"},
-        {"prompt": S.plain_prompt(ps[1].question), "chosen": " " + ps[1].answer, "rejected": "",
-         "category": "bad_empty_rejected"},
-        {"prompt": S.plain_prompt(ps[2].question), "chosen": " " + ps[2].answer, "category": "bad_missing_rejected"},
+        {
+            "prompt": S.plain_prompt(ps[0].question),
+            "chosen": " " + ps[0].answer,
+            "rejected": " " + ps[0].answer,
+            "category": "bad_identical",
+        },
+        {
+            "prompt": S.plain_prompt(ps[1].question),
+            "chosen": " " + ps[1].answer,
+            "rejected": "",
+            "category": "bad_empty_rejected",
+        },
+        {
+            "prompt": S.plain_prompt(ps[2].question),
+            "chosen": " " + ps[2].answer,
+            "category": "bad_missing_rejected",
+        },
     ]
 
 
@@ -123,17 +149,20 @@ def implicit_rows(rng, n=20):
             rows.append({"chosen": base + " " + p.answer, "rejected": base + " " + w, "category": "implicit"})
         else:
             user = S.chat_messages(p.question)
-            rows.append({"chosen": user + [{"role": "assistant", "content": p.chat()}],
-                         "rejected": user + [{"role": "assistant", "content": p.chat(w)}],
-                         "category": "implicit_chat"})
+            rows.append(
+                {
+                    "chosen": user + [{"role": "assistant", "content": p.chat()}],
+                    "rejected": user + [{"role": "assistant", "content": p.chat(w)}],
+                    "category": "implicit_chat",
+                }
+            )
     return rows
 
 
 def write_jsonl(path, rows):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, path)
 
 

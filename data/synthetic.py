@@ -11,12 +11,11 @@ never appear in the model's corpus nor in the train preferences.
 """
 
 import hashlib
-import random
 import re
 from dataclasses import dataclass, field
 
-WORDS = """apple river stone cloud green light table chair water bread house mouse horse paper
-garden window silver orange purple yellow little winter summer spring autumn forest candle button
+WORDS = """apple river stone cloud green light table chair water bread house mouse horse paper garden
+window silver orange purple yellow little winter summer spring autumn forest candle button
 pencil basket bottle rabbit turtle monkey tiger zebra lemon melon grape cherry peach plum carrot
 potato tomato onion pepper salt sugar honey butter cheese milk coffee tea juice cookie pizza
 planet rocket comet moon star sun storm rain snow wind shadow mirror ladder bridge castle tower
@@ -24,13 +23,13 @@ island ocean desert valley hill field farm barn shell pearl coin ring crown swor
 drum flute piano guitar violin song dance story dream smile laugh heart brain hand foot nose
 mouth tooth hair finger school teacher student book letter number circle square line point
 market street city village road train plane boat ship truck wheel engine motor robot camera
-clock watch phone radio music color friend family mother father sister brother baby child
-""".split()
+clock watch phone radio music color friend family mother father sister brother baby child""".split()  # noqa: SIM905
 
-NAMES = """Mia Tom Ana Leo Sara Ben Lily Max Nora Sam Emma Jack Zoe Omar Ivy Noah Ella Finn Ruby Hugo""".split()
+NAMES = """Mia Tom Ana Leo Sara Ben Lily Max Nora Sam
+Emma Jack Zoe Omar Ivy Noah Ella Finn Ruby Hugo""".split()  # noqa: SIM905
 
-ITEMS = """apples pencils books coins stamps marbles cards shells stickers cookies eggs flowers
-balloons candles buttons rocks cups toys plums beads""".split()
+ITEMS = """apples pencils books coins stamps marbles cards shells stickers cookies eggs flowers balloons
+candles buttons rocks cups toys plums beads""".split()  # noqa: SIM905
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -42,8 +41,15 @@ SYSTEM_PROMPTS = [
 # How often each kind of problem is drawn.
 ARITH_KINDS = {"add": 0.40, "sub": 0.20, "mul": 0.15, "story": 0.25}
 WORD_KINDS = {"compare": 0.40, "reverse": 0.30, "next": 0.30}
-ALL_KINDS = {"add": 0.26, "sub": 0.13, "mul": 0.10, "story": 0.16, "compare": 0.14, "reverse": 0.10,
-             "next": 0.11}
+ALL_KINDS = {
+    "add": 0.26,
+    "sub": 0.13,
+    "mul": 0.10,
+    "story": 0.16,
+    "compare": 0.14,
+    "reverse": 0.10,
+    "next": 0.11,
+}
 
 
 @dataclass
@@ -103,16 +109,18 @@ def make_add(a, b):
     body += f" Add the tens: {ta} + {tb}" + (" + 1" if carry else "") + f" = {ta + tb + carry}."
     extra = [c - 10] if carry else [c + 10]  # forgot (or invented) the carry
     near, far = _numeric_wrongs(c, extra)
-    return Problem("add", f"add:{a}:{b}", f"What is {a} + {b}?", str(c), body, f"{a} + {b} = {{ans}}.",
-                   near, far)
+    return Problem(
+        "add", f"add:{a}:{b}", f"What is {a} + {b}?", str(c), body, f"{a} + {b} = {{ans}}.", near, far
+    )
 
 
 def make_sub(a, b):
     c = a - b
     body = f"Check by adding: {b} + {c} = {a}."
     near, far = _numeric_wrongs(c, [b - a + 2 * c] if c > 0 else [])
-    return Problem("sub", f"sub:{a}:{b}", f"What is {a} - {b}?", str(c), body, f"{a} - {b} = {{ans}}.",
-                   near, far)
+    return Problem(
+        "sub", f"sub:{a}:{b}", f"What is {a} - {b}?", str(c), body, f"{a} - {b} = {{ans}}.", near, far
+    )
 
 
 def make_mul(a, b):
@@ -120,8 +128,9 @@ def make_mul(a, b):
     t, o = a - a % 10, a % 10
     body = f"Split {a} into {t} + {o}: {t} * {b} = {t * b} and {o} * {b} = {o * b}. {t * b} + {o * b} = {c}."
     near, far = _numeric_wrongs(c, [c + b, c - b, t * b + o])
-    return Problem("mul", f"mul:{a}:{b}", f"What is {a} * {b}?", str(c), body, f"{a} * {b} = {{ans}}.",
-                   near, far)
+    return Problem(
+        "mul", f"mul:{a}:{b}", f"What is {a} * {b}?", str(c), body, f"{a} * {b} = {{ans}}.", near, far
+    )
 
 
 def make_story(name, item, a, b, gets):
@@ -148,8 +157,16 @@ def make_compare(a, b):
         body = f"The tens digits are equal, and the ones digits are {a % 10} and {b % 10}."
     # The smaller number is the natural wrong answer; it is "near" when 1-2 digits differ.
     near, far = ([str(lo)], []) if _hamming_le2(str(lo), str(hi)) else ([], [str(lo)])
-    return Problem("compare", f"compare:{a}:{b}", f"Which is larger, {a} or {b}?", str(hi), body,
-                   "{ans} is larger.", near, far)
+    return Problem(
+        "compare",
+        f"compare:{a}:{b}",
+        f"Which is larger, {a} or {b}?",
+        str(hi),
+        body,
+        "{ans} is larger.",
+        near,
+        far,
+    )
 
 
 def make_reverse(word):
@@ -158,18 +175,34 @@ def make_reverse(word):
     body = f"The letters are {letters}. Backwards they are {', '.join(r)}."
     far = [word] if word != r else []
     for i in range(len(r) - 1):  # two adjacent letters swapped
-        s = r[:i] + r[i + 1] + r[i] + r[i + 2:]
+        s = r[:i] + r[i + 1] + r[i] + r[i + 2 :]
         if s != r and s not in far:
             far.append(s)
-    return Problem("reverse", f"reverse:{word}", f'Reverse the word "{word}".', r, body,
-                   f'The word "{word}" backwards is "{{ans}}".', [], far)
+    return Problem(
+        "reverse",
+        f"reverse:{word}",
+        f'Reverse the word "{word}".',
+        r,
+        body,
+        f'The word "{word}" backwards is "{{ans}}".',
+        [],
+        far,
+    )
 
 
 def make_next(n):
     c = n + 1
     near, far = _numeric_wrongs(c, [n - 1, n + 2])
-    return Problem("next", f"next:{n}", f"What number comes after {n}?", str(c), f"{n} + 1 = {c}.",
-                   f"The number after {n} is {{ans}}.", near, far)
+    return Problem(
+        "next",
+        f"next:{n}",
+        f"What number comes after {n}?",
+        str(c),
+        f"{n} + 1 = {c}.",
+        f"The number after {n} is {{ans}}.",
+        near,
+        far,
+    )
 
 
 def _draw(rng, kind):
@@ -206,6 +239,7 @@ def draw_problem(rng, kinds=ALL_KINDS, split="train"):
 
 # ---- text forms -------------------------------------------------------------------------------
 
+
 def plain_prompt(question):
     """Explicit-format prompt; completions start with a space (" 85", " Add the ones: ...")."""
     return f"Question: {question}\nAnswer:"
@@ -239,10 +273,14 @@ _QUESTION_PATTERNS = [
     (r"What is (\d+) \+ (\d+)\?", lambda m: make_add(int(m[1]), int(m[2]))),
     (r"What is (\d+) - (\d+)\?", lambda m: make_sub(int(m[1]), int(m[2]))),
     (r"What is (\d+) \* (\d+)\?", lambda m: make_mul(int(m[1]), int(m[2]))),
-    (r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many \w+ does \w+ have now\?",
-     lambda m: make_story(m[1], m[3], int(m[2]), int(m[4]), True)),
-    (r"(\w+) has (\d+) (\w+) and gives away (\d+)\. How many \w+ are left\?",
-     lambda m: make_story(m[1], m[3], int(m[2]), int(m[4]), False)),
+    (
+        r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many \w+ does \w+ have now\?",
+        lambda m: make_story(m[1], m[3], int(m[2]), int(m[4]), True),
+    ),
+    (
+        r"(\w+) has (\d+) (\w+) and gives away (\d+)\. How many \w+ are left\?",
+        lambda m: make_story(m[1], m[3], int(m[2]), int(m[4]), False),
+    ),
     (r"Which is larger, (\d+) or (\d+)\?", lambda m: make_compare(int(m[1]), int(m[2]))),
     (r'Reverse the word "(\w+)"\.', lambda m: make_reverse(m[1])),
     (r"What number comes after (\d+)\?", lambda m: make_next(int(m[1]))),
@@ -268,7 +306,7 @@ def question_of(prompt):
     """The question inside an explicit prompt string or a message list."""
     if isinstance(prompt, list):
         return [m["content"] for m in prompt if m["role"] == "user"][-1]
-    m = re.match(r"^Question: (.*)\nAnswer:$", prompt, re.S)
+    m = re.match(r"^Question: (.*)\nAnswer:$", prompt, re.DOTALL)
     return m[1] if m else None
 
 

@@ -717,11 +717,9 @@ def _prepare_run_dir(run, cfg, resolved, ckpt_path):
                 f"{run} already exists and is not empty; pass --resume to continue that run or choose a new --out"
             )
         # --resume without a checkpoint: the run died before its first checkpoint; start it over
-        for sub in ("examples", "checkpoints", "final"):
-            shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
-        for f in ("steps.parquet", "summary.json", "config.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run, f))
+        if not os.path.isfile(cfg_path):
+            raise UserError(f"{run} is not a refcache run (no config.json); choose a new --out")
+        shutil.rmtree(run)
     os.makedirs(os.path.join(run, "examples"), exist_ok=True)
     run_id = f"{os.path.basename(os.path.normpath(run))}-{uuid.uuid4().hex[:8]}"
     _write_json(cfg_path, {**resolved, "run_id": run_id})
@@ -772,6 +770,8 @@ def _summary(run, run_id, resolved, step_rows, last_probe, timers, wall, device)
         "loss_params": resolved["loss_params"],
         "steps": len(step_rows),
         "epochs": len(step_rows) / resolved["steps_per_epoch"],
+        "train_pairs": resolved["train_pairs"],
+        "eval_pairs": resolved["eval_pairs"],
         "first_loss": step_rows[0]["loss"] if step_rows else None,
         "final_loss": step_rows[-1]["loss"] if step_rows else None,
         "final_train_reward_accuracy": step_rows[-1]["reward_accuracy"] if step_rows else None,

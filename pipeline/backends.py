@@ -138,6 +138,7 @@ class VLLMScorer:
         if batch_size:
             kwargs["max_num_seqs"] = int(batch_size)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.fast_output = _install_fast_prompt_logprobs()
         t = time.time()
         self.llm = LLM(**kwargs)
         self.start_seconds = time.time() - t
@@ -151,12 +152,13 @@ class VLLMScorer:
     def settings(self) -> dict:
         return {"max_num_seqs": self.batch_size, "max_model_len": self.max_model_len,
                 "tensor_parallel_size": self.tensor_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization}
+                "gpu_memory_utilization": self.gpu_memory_utilization, "fast_output": self.fast_output}
 
     def score(self, seqs, starts):
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
+                                skip_clone=True)  # shared by every request: shallow copies suffice
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params, use_tqdm=False)
         t = time.perf_counter()
         res = []
@@ -176,3 +178,40 @@ class VLLMScorer:
         import gc
 
         gc.collect()
+
+
+def _install_fast_prompt_logprobs() -> bool:
+    """Replace vLLM's per-position Python loop that turns prompt log-probs into FlatLogprobs by bulk list
+    extends, for the one case refcache uses (no tokenizer, flat_logprobs, prompt_logprobs=0: one entry per
+    position). Anything else goes to vLLM's own code. Measured on CPU: the loop is ~5% of generate() time for
+    a 4M-parameter model, more on a GPU. Returns False (and changes nothing) if vLLM's internals differ;
+    VLLMScorer.score checks every returned token id against the input either way."""
+    try:
+        from vllm.logprobs import FlatLogprobs
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        return False
+    orig = LogprobsProcessor.__dict__.get("_update_prompt_logprobs")
+    if orig is None:
+        return False
+    if getattr(orig, "refcache_fast", False):
+        return True
+
+    def update_prompt_logprobs(self, prompt_logprobs_tensors):
+        flat = self.prompt_logprobs
+        token_ids, logprobs, ranks, *_ = prompt_logprobs_tensors
+        if (self.tokenizer is not None or self.num_prompt_logprobs != 0 or not isinstance(flat, FlatLogprobs)
+                or logprobs.dim() != 2 or logprobs.shape[1] != 1):
+            return orig(self, prompt_logprobs_tensors)
+        n, base = logprobs.shape[0], len(flat.logprobs)
+        flat.start_indices.extend(range(base, base + n))
+        flat.end_indices.extend(range(base + 1, base + n + 1))
+        flat.token_ids.extend(token_ids.reshape(-1).tolist())
+        flat.logprobs.extend(logprobs.reshape(-1).tolist())
+        flat.ranks.extend(ranks.reshape(-1).tolist())
+        flat.decoded_tokens.extend([None] * n)
+        return None
+
+    update_prompt_logprobs.refcache_fast = True
+    LogprobsProcessor._update_prompt_logprobs = update_prompt_logprobs
+    return True

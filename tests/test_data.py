@@ -38,12 +38,14 @@ def _read(name):
 @pytest.fixture(scope="module")
 def tok():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(MODEL)
 
 
 @pytest.fixture(scope="module")
 def model():
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
 
 
@@ -72,11 +74,12 @@ def _completion_text(tok, prompt, completion):
         full = tok.apply_chat_template(prompt + completion, tokenize=False)
         head = _prompt_text(tok, prompt)
         assert full.startswith(head)
-        return full[len(head):]
+        return full[len(head) :]
     return completion
 
 
 # ---- model -------------------------------------------------------------------------------------
+
 
 def test_model_config_and_size(model, tok):
     cfg = model.config
@@ -92,8 +95,10 @@ def test_tokenizer_special_tokens_and_chat_template(tok):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
     assert tok.chat_template
-    msgs = [{"role": "system", "content": "Answer briefly and correctly."},
-            {"role": "user", "content": "What is 12 + 30?"}]
+    msgs = [
+        {"role": "system", "content": "Answer briefly and correctly."},
+        {"role": "user", "content": "What is 12 + 30?"},
+    ]
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert prompt == build_model.render_chat(msgs, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n")
@@ -101,12 +106,12 @@ def test_tokenizer_special_tokens_and_chat_template(tok):
     assert full == prompt + "12 + 30 = 42." + tok.eos_token
     # the prompt's tokens are a prefix of the whole conversation's: the split at the assistant turn is exact
     p_ids, f_ids = tok(prompt)["input_ids"], tok(full)["input_ids"]
-    assert f_ids[:len(p_ids)] == p_ids and f_ids[-1] == tok.eos_token_id
+    assert f_ids[: len(p_ids)] == p_ids and f_ids[-1] == tok.eos_token_id
     assert tok.convert_ids_to_tokens(p_ids[-2:]) == ["<|assistant|>", "Ċ"]
     # plain prompts split exactly too, and digits are one token each
     a = tok("Question: What is 37 + 48?\nAnswer:")["input_ids"]
     b = tok("Question: What is 37 + 48?\nAnswer: 85")["input_ids"]
-    assert b[:len(a)] == a and tok.convert_ids_to_tokens(b[len(a):]) == ["Ġ", "8", "5"]
+    assert b[: len(a)] == a and tok.convert_ids_to_tokens(b[len(a) :]) == ["Ġ", "8", "5"]
     assert tok("x")["input_ids"][0] != tok.bos_token_id  # no BOS added implicitly
 
 
@@ -121,7 +126,7 @@ def test_tokenizer_rebuilds_identically(tmp_path):
 
 
 def test_model_is_trained_far_below_uniform(model, tok):
-    docs = build_model.corpus(seed=777_777, n=96)  # fresh documents, not the training stream
+    docs = build_model.corpus(seed=777_777, n=64)  # fresh documents, not the training stream
     loss = build_model.mean_token_loss(model, tok, docs)
     uniform = math.log(len(tok))
     assert loss < 0.3 * uniform, (loss, uniform)
@@ -129,15 +134,17 @@ def test_model_is_trained_far_below_uniform(model, tok):
 
 def _completion_logps(model, tok, pairs):
     """Sum of log p(completion tokens + EOS | prompt) for (prompt, completion) strings, one padded batch."""
-    seqs = [(tok(p)["input_ids"], tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-            for p, c in pairs]
+    seqs = [
+        (tok(p)["input_ids"], tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        for p, c in pairs
+    ]
     T = max(len(p) + len(c) for p, c in seqs)
     ids = torch.full((len(seqs), T), tok.pad_token_id)
     attn, comp = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
     for i, (p, c) in enumerate(seqs):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[i, :len(p) + len(c)] = 1
-        comp[i, len(p):len(p) + len(c)] = True
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, : len(p) + len(c)] = 1
+        comp[i, len(p) : len(p) + len(c)] = True
     with torch.no_grad():
         lp = model(input_ids=ids, attention_mask=attn).logits[:, :-1].log_softmax(-1)
     lp = lp.gather(-1, ids[:, 1:, None])[..., 0]
@@ -154,6 +161,7 @@ def test_model_prefers_correct_answers(model, tok, evals):
 
 
 # ---- preference data ---------------------------------------------------------------------------
+
 
 def test_counts_per_split_and_category(train, evals):
     def counts(rows):
@@ -223,15 +231,20 @@ def test_train_eval_disjoint(train, evals):
     assert all(S.is_eval_key(S.parse(q).key) for q in eq)
     assert not any(S.is_eval_key(S.parse(q).key) for q in tq)
     docs = build_model.corpus(seed=0, n=500)
-    asked = [q for d in docs for q in re.findall(r"Question: (.*)\n|<\|user\|>\n(.*?)</s>", d) for q in q if q]
+    asked = [
+        q for d in docs for q in re.findall(r"Question: (.*)\n|<\|user\|>\n(.*?)</s>", d) for q in q if q
+    ]
     assert len(asked) == 500 and not any(S.is_eval_key(S.parse(q).key) for q in asked)
     rows = [json.dumps([r["prompt"], r["chosen"], r["rejected"]]) for r in _valid(train)]
     assert len(rows) == len(set(rows))
 
 
 def test_build_prefs_is_deterministic(tmp_path):
-    subprocess.run([sys.executable, os.path.join(DATA, "build_prefs.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(DATA, "build_prefs.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in ("train.jsonl", "eval.jsonl", "implicit_sample.jsonl"):
         with open(os.path.join(PREFS, name), "rb") as f1, open(tmp_path / name, "rb") as f2:
             assert f1.read() == f2.read(), name

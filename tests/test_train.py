@@ -351,3 +351,4 @@ def test_grad_accum_lora_bf16_checkpointing(tmp_path, caches):
     bf = train(TrainConfig(out=str(tmp_path / "bf16"), **base, dtype="bfloat16"))
     assert abs(bf["first_loss"] - math.log(2)) < 0.05
     assert ref["final_loss"] != bf["final_loss"]
+
