@@ -10,6 +10,7 @@ on later runs. Prints a table and writes the figures as JSON.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -105,7 +106,9 @@ def child(args):
             out=args.run,
             steps=args.steps,
             batch_size=args.batch_size,
-            lr=1e-5,
+            lr=args.lr,
+            beta=args.beta,
+            warmup=args.warmup,
             live_ref=args.child == "live",
             probe_every=0,
             probe_size=0,
@@ -136,6 +139,13 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--warmup", type=float, default=0.0)
+    ap.add_argument("--max-length", type=int, default=1024, help="stage-1 max prompt+completion tokens")
+    ap.add_argument("--model", help="use this HF model dir instead of building a random-init Llama")
+    ap.add_argument("--data", help="use this preference file (JSONL) instead of synthetic pairs")
+    ap.add_argument("--quick", action="store_true", help="toy sizes, to check the script runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the figures here (default WORK/train_bench.json)")
     ap.add_argument("--child", choices=["cached", "live"], help=argparse.SUPPRESS)
@@ -148,26 +158,45 @@ def main():
     import shutil
 
     os.makedirs(args.work, exist_ok=True)
-    tag = f"llama-h{args.hidden}-l{args.layers}-i{args.intermediate}"
-    model = build_model(
-        os.path.join(args.work, tag),
-        args.hidden,
-        args.layers,
-        args.intermediate,
-        os.path.join(ROOT, "data", "tiny-llama"),
-    )
-    data = build_data(
-        os.path.join(args.work, f"pairs-{args.pairs}-{args.prompt_tokens}-{args.completion_tokens}.jsonl"),
-        args.pairs,
-        args.prompt_tokens,
-        args.completion_tokens,
-    )
-    cache = os.path.join(args.work, f"cache-{tag}-{os.path.basename(data)[:-6]}")
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.pairs = 128, 2, 352, 16
+        args.prompt_tokens = args.completion_tokens = 32
+        args.steps = min(args.steps, 3)
+    if args.model:
+        model = os.path.abspath(args.model)
+        tag = os.path.basename(os.path.normpath(model))
+    else:
+        tag = f"llama-h{args.hidden}-l{args.layers}-i{args.intermediate}"
+        model = build_model(
+            os.path.join(args.work, tag),
+            args.hidden,
+            args.layers,
+            args.intermediate,
+            os.path.join(ROOT, "data", "tiny-llama"),
+        )
+    if args.data:
+        data = os.path.abspath(args.data)
+    else:
+        name = f"pairs-{args.pairs}-{args.prompt_tokens}-{args.completion_tokens}.jsonl"
+        data = build_data(
+            os.path.join(args.work, name), args.pairs, args.prompt_tokens, args.completion_tokens
+        )
+    key = hashlib.sha256(f"{model}|{data}|{args.max_length}".encode()).hexdigest()[:10]
+    cache = os.path.join(args.work, f"cache-{tag}-{key}")
     if not os.path.isfile(os.path.join(cache, "manifest.json")):
         from pipeline.precompute import precompute
 
         t0 = time.perf_counter()
-        precompute(data, model, cache, backend="hf", dtype="float32", progress=True)
+        precompute(
+            data,
+            model,
+            cache,
+            backend="hf",
+            dtype="float32",
+            max_length=args.max_length,
+            max_prompt_length=min(512, args.max_length // 2),
+            progress=True,
+        )
         print(f"precompute: {time.perf_counter() - t0:.1f} s")
 
     from safetensors import safe_open
@@ -193,6 +222,12 @@ def main():
             str(args.batch_size),
             "--dtype",
             args.dtype,
+            "--lr",
+            str(args.lr),
+            "--beta",
+            str(args.beta),
+            "--warmup",
+            str(args.warmup),
         ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
