@@ -137,7 +137,9 @@ class VLLMScorer:
             kwargs["max_model_len"] = int(max_model_len)
         if batch_size:
             kwargs["max_num_seqs"] = int(batch_size)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # ERROR: vLLM 0.32 logs a harmless traceback at WARNING when it warms up chat rendering without a
+        # tokenizer (we pass token ids). Set VLLM_LOGGING_LEVEL yourself to see its warnings.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         self.fast_output = _install_fast_prompt_logprobs()
         t = time.time()
         self.llm = LLM(**kwargs)
