@@ -1,11 +1,6 @@
-"""Stage-1 commands: `refcache precompute`, `refcache verify`, `refcache merge`.
+"""Stage-1 commands: `refcache precompute`, `refcache verify`, `refcache merge`."""
 
-`python -m pipeline.cli ...` runs just these (same behaviour as through `refcache`).
-"""
-
-import argparse
 import json
-import sys
 
 
 def add_commands(sub):
@@ -94,24 +89,3 @@ def run_merge(args) -> int:
     print(f"merged {args.cache}: {len(m['shards'])} parts; rows read {ds['rows_read']:,} = kept "
           f"{ds['rows_kept']:,} + rejected {ds['rows_rejected']:,}; manifest written")
     return 0
-
-
-def main(argv=None) -> int:
-    from refcache import UserError
-
-    parser = argparse.ArgumentParser(prog="refcache")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"refcache {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"refcache {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cache import META_KEY, load_table, read_manifest
-from pipeline.cli import main as cli_main
 from pipeline.data import Source, pair_id
 from pipeline.fingerprint import file_sha256, model_identity, tokenizer_identity
 from pipeline.precompute import precompute
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
 from refcache import UserError
+from refcache.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"backend": "hf", "dtype": "float32", "limit": 48, "part_size": 2, "progress": False}  # 24 parts
@@ -30,7 +30,7 @@ MANIFEST_KEYS = {"schema_version", "refcache_version", "created", "fingerprint",
 
 
 def cli(*args):
-    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    return [sys.executable, "-m", "refcache.cli", *map(str, args)]
 
 
 @pytest.fixture(scope="module")

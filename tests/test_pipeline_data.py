@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.cli import main as cli_main
 from pipeline.data import Reject, Source, normalize, pair_id
 from pipeline.tokenize import PairTokenizer
 from refcache import UserError
+from refcache.cli import main as cli_main
 
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 ROWS = [

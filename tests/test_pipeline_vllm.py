@@ -5,8 +5,8 @@ import json
 import numpy as np
 
 from pipeline.cache import load_table, read_manifest
-from pipeline.cli import main as cli_main
 from pipeline.precompute import precompute
+from refcache.cli import main as cli_main
 
 
 def per_token_diff(a, b):
