@@ -135,13 +135,18 @@ def cmd_sweep(args) -> int:
                     results.append(json.load(f))
                 continue
             results.append(train(_config(args, loss=name, beta=beta, out=run, resume=True)))
-    print(f"{'run':<32} {'final loss':>10} {'eval acc':>8} {'eval margin':>11}")
-    for r in results:
-        ev = (r.get("probe") or {}).get("eval") or (r.get("probe") or {}).get("train") or {}
-        print(
-            f"{os.path.basename(r['run_dir']):<32} {r['final_loss']:>10.4f} {ev.get('reward_accuracy', float('nan')):>8.3f} "
-            f"{ev.get('reward_margin', float('nan')):>11.4f}"
-        )
+    # Side by side at the last probe step every run reached: the run-comparison diagnostic of stage 3.
+    import polars as pl
+
+    from queries import connect, run_query
+
+    runs = [r["run_dir"] for r in results]
+    cols = ["run", "split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share", "margin_mean",
+            "accuracy", "final_loss"]
+    table = run_query(connect(runs=runs), "compare").select(cols)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=180, fmt_str_lengths=48, tbl_hide_dataframe_shape=True):
+        print(table)
+    print(f"more: refcache query compare --run {' '.join(runs)}   |   refcache report {' '.join(runs)}")
     return 0
 
 

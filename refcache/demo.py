@@ -77,7 +77,7 @@ def run(args) -> int:
         "collapse": ({}, None),
         "length": ({}, ["split", "step", "corr_summed", "corr_per_token"]),
     }
-    with pl.Config(tbl_rows=12, tbl_cols=-1, tbl_width_chars=160, tbl_hide_dataframe_shape=True):
+    with pl.Config(tbl_rows=12, tbl_cols=-1, tbl_width_chars=160, fmt_str_lengths=48, tbl_hide_dataframe_shape=True):
         for name, (params, cols) in shown.items():
             df = run_query(con, name, params)
             if "split" in df.columns and name in ("drift", "length"):

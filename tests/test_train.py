@@ -288,8 +288,9 @@ def test_cli_one_line_errors(capsys, tmp_path, caches):
 
 
 def test_sweep_trains_every_loss(tmp_path, capsys, caches):
+    """One sweep over all registered losses (2 steps each) from the one cache, compared side by side by the
+    stage-3 `compare` diagnostic; then a re-run skips them all."""
     train_cache = caches[0]
-    """One sweep over all registered losses (2 steps each) from the one cache; then a re-run skips them all."""
     names = ",".join(L.LOSSES)
     argv = [
         "sweep",
@@ -327,7 +328,9 @@ def test_sweep_trains_every_loss(tmp_path, capsys, caches):
             assert json.load(f)["loss"] == name
         if name in ("sigmoid", "sigmoid_norm", "dpop", "aot", "aot_unpaired", "robust"):
             assert abs(steps[0]["loss"] - math.log(2)) < 1e-5, name  # all equal ln 2 when policy == reference
-    capsys.readouterr()
+    compared = capsys.readouterr().out.split("refcache query compare")[0]
+    for name in L.LOSSES:
+        assert f"{name}-beta0.1" in compared, name
     assert cli_main(argv) == 0
     assert capsys.readouterr().out.count("already finished") == len(L.LOSSES)
 
