@@ -688,6 +688,11 @@ def _latest_checkpoint(ckpt_dir):
     return paths[-1] if paths else None
 
 
+def _short(value, n=60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _prepare_run_dir(run, cfg, resolved, ckpt_path):
     """Create or check the run directory; returns the run_id (kept across resumes)."""
     cfg_path = os.path.join(run, "config.json")
@@ -705,7 +710,7 @@ def _prepare_run_dir(run, cfg, resolved, ckpt_path):
             k = changed[0]
             raise UserError(
                 f"{run} was started with different settings ({', '.join(changed)}; e.g. {k}: "
-                f"{old.get(k)!r} then, {resolved[k]!r} now); resume with the same settings or use a new --out"
+                f"{_short(old.get(k))} then, {_short(resolved[k])} now); resume with the same settings or use a new --out"
             )
         for f in ("summary.json",):
             with contextlib.suppress(FileNotFoundError):

@@ -220,6 +220,11 @@ def merge(cache_dir) -> dict:
                    "prompt": sum(m["part"]["prompt_tokens"] for m in metas)},
         "settings": first["settings"],
     }
+    old = cache_dir / "manifest.json"
+    if old.exists():  # re-running a finished cache: keep its manifest (and its sha256) unless something changed
+        previous = json.loads(old.read_text())
+        if {k: v for k, v in previous.items() if k != "created"} == {k: v for k, v in manifest.items() if k != "created"}:
+            return previous
     write_json(cache_dir / "manifest.json", manifest)
     return manifest
 

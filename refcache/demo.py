@@ -83,7 +83,10 @@ def run(args) -> int:
             if "split" in df.columns and name in ("drift", "length"):
                 df = df.filter(pl.col("split") == "eval")
             print(f"\n-- {name} (eval probes)" if name in ("drift", "length") else f"\n-- {name}")
-            print(df.select([c for c in cols if c in df.columns]) if cols else df)
+            if df.is_empty():
+                print("(no rows: nothing detected)")
+            else:
+                print(df.select([c for c in cols if c in df.columns]) if cols else df)
     report_path = write_report([run_dir], caches=[caches["train"], caches["eval"]], out_dir=out / "report")
 
     _banner(f"done in {time.time() - t0:.0f} s")

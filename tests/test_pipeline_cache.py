@@ -154,6 +154,19 @@ def test_two_shards_then_merge_equal_single_process(tmp_path, small_cache, tiny_
     assert_same_cache(out, small_cache)
 
 
+def test_rerun_of_a_finished_cache_changes_nothing(tmp_path, small_cache, tiny_model_dir, prefs_dir):
+    """Re-running the same command keeps every file byte-identical, so runs that fingerprinted the manifest
+    (train --resume, the demo re-run) still match it."""
+    out = tmp_path / "cache"
+    shutil.copytree(small_cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["created"] = "2020-01-01T00:00:00Z"  # made earlier: a rewrite would show
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    precompute(prefs_dir / "train.jsonl", tiny_model_dir, out, **SMALL)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_changed_settings_or_input_are_refused(tmp_path, small_cache, tiny_model_dir, prefs_dir):
     out = tmp_path / "cache"
     shutil.copytree(small_cache, out)
