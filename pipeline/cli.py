@@ -12,7 +12,7 @@ def add_commands(sub):
     p.add_argument("--model", required=True, help="reference model directory (Hugging Face format)")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to create or resume")
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
-                   help="auto: vllm on a GPU; on CPU hf for bfloat16, vllm for float32")
+                   help="auto: vllm on a GPU, hf on a CPU (faster there, see BENCHMARKS.md)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-length", type=int, default=None,
                    help="max prompt+completion tokens (default: 1024, or less to fit the model's context)")
