@@ -15,7 +15,6 @@ import sys
 import tempfile
 
 import numpy as np
-import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,16 +26,30 @@ def main() -> int:
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "prefs", "eval.jsonl"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="refcache-bf16-") as work:
+        out = measure(args.model, args.data, work)
 
+    print(f"bf16 cache vs fp32 cache, {out['pairs']} pairs / {out['tokens']:,} tokens: per-token |diff| "
+          f"max {out['bf16_cache_token_abs_diff_max']:.3g}, mean {out['bf16_cache_token_abs_diff_mean']:.3g} nats; "
+          f"per-completion sum mean {out['bf16_cache_seq_abs_diff_mean']:.3g} nats")
+    print("step-0 loss − ln 2 (batch of 32):")
+    for k, v in out["step0"].items():
+        print(f"  {k:40s} {v['minus_ln2']:+.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def measure(model, data, work) -> dict:
     from dpo.train import TrainConfig, train
     from pipeline.cache import load_table
     from pipeline.precompute import precompute
 
-    work = tempfile.mkdtemp(prefix="refcache-bf16-")
     caches = {}
     for dtype in ("float32", "bfloat16"):
         caches[dtype] = os.path.join(work, dtype)
-        precompute(args.data, args.model, caches[dtype], backend="hf", dtype=dtype, progress=False)
+        precompute(data, model, caches[dtype], backend="hf", dtype=dtype, progress=False)
     cols = ["pair_id", "ref_chosen_token_logps", "ref_rejected_token_logps", "ref_chosen_logp", "ref_rejected_logp"]
     f32, b16 = (load_table(caches[d], cols).to_pydict() for d in ("float32", "bfloat16"))
     assert f32["pair_id"] == b16["pair_id"]
@@ -51,20 +64,10 @@ def main() -> int:
         run = os.path.join(work, f"run-{cache_dtype}-{policy_dtype}")
         cfg = TrainConfig(cache=caches[cache_dtype], out=run, steps=1, batch_size=32, dtype=policy_dtype,
                           probe_size=0, save_final=False, progress=False, allow_mismatch=True)
-        train(cfg)
-        loss0 = pq.read_table(os.path.join(run, "steps.parquet")).column("loss")[0].as_py()
+        loss0 = train(cfg)["first_loss"]
         out["step0"][f"cache_{cache_dtype}__policy_{policy_dtype}"] = {"loss": loss0, "minus_ln2": loss0 - math.log(2)}
 
-    print(f"bf16 cache vs fp32 cache, {out['pairs']} pairs / {out['tokens']:,} tokens: per-token |diff| "
-          f"max {out['bf16_cache_token_abs_diff_max']:.3g}, mean {out['bf16_cache_token_abs_diff_mean']:.3g} nats; "
-          f"per-completion sum mean {out['bf16_cache_seq_abs_diff_mean']:.3g} nats")
-    print("step-0 loss − ln 2 (batch of 32):")
-    for k, v in out["step0"].items():
-        print(f"  {k:40s} {v['minus_ln2']:+.2e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return 0
+    return out
 
 
 if __name__ == "__main__":
