@@ -81,12 +81,18 @@ def _plot_drift(drift, coll, runs, out_dir):
     return _save(fig, out_dir, "drift.png")
 
 
-def _plot_shares(drift, runs, out_dir):
+def _two_panels(drift, runs, left, right):
+    """One figure, two panels: column `left` and column `right` of `drift` over steps, a line per run/split."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharex=True)
     for run, split, c, ls, label, r in _series(drift, runs):
         x = r["step"].to_numpy()
-        axes[0].plot(x, r["both_down_share"].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
-        axes[1].plot(x, r["chosen_down_share"].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        axes[0].plot(x, r[left].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        axes[1].plot(x, r[right].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+    return fig, axes
+
+
+def _plot_shares(drift, runs, out_dir):
+    fig, axes = _two_panels(drift, runs, "both_down_share", "chosen_down_share")
     axes[0].set_title("share of probe pairs where chosen AND rejected fell")
     axes[1].set_title("share of probe pairs where chosen fell below the reference")
     for ax in axes:
@@ -98,11 +104,7 @@ def _plot_shares(drift, runs, out_dir):
 
 
 def _plot_margin(drift, coll, runs, out_dir):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharex=True)
-    for run, split, c, ls, label, r in _series(drift, runs):
-        x = r["step"].to_numpy()
-        axes[0].plot(x, r["margin_mean"].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
-        axes[1].plot(x, r["accuracy"].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+    fig, axes = _two_panels(drift, runs, "margin_mean", "accuracy")
     axes[0].set_title("mean reward margin β·[(πc−rc) − (πr−rr)]")
     axes[1].set_title("reward accuracy (share of probe pairs with margin > 0)")
     axes[1].set_ylim(-0.02, 1.02)
