@@ -16,6 +16,7 @@ with its error line and the others go on):
     sweep_refcache  `refcache precompute` once + `refcache sweep` over four betas, total wall time
     sweep_trl       bench/trl_side.py   four TRL runs, each computing its reference again
     queries         bench/queries.py    each named diagnostic on 10 million example rows
+    streaming       bench/streaming.py  `refcache precompute` peak RSS over 20k and 200k short pairs
 
 Then merges them into BENCHMARKS.json (the issue's keys plus the raw figures) and rewrites the marked section
 of BENCHMARKS.md (a table: figure, value, target, met?; machine, versions, settings). --quick writes both to
@@ -44,7 +45,7 @@ import matmul
 import workload as wl
 
 PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "trl_live", "sweep_refcache", "sweep_trl",
-          "queries"]
+          "queries", "streaming"]
 BEGIN, END = "<!-- BEGIN bench/run.py results -->", "<!-- END bench/run.py results -->"
 
 # (key, target operator, target value, what it is)
@@ -59,6 +60,7 @@ TARGETS = [
     ("stage1_best_bf16_mfu", ">=", 0.70, "best stage-1 backend, bf16: model FLOP/s / bf16 matmul FLOP/s"),
     ("stage1_postprocess_share", "<", 0.05, "vLLM output -> Parquet time / stage-1 time"),
     ("query_10m_max_s", "<=", 1.5, "slowest named diagnostic on 10M example rows (s)"),
+    ("stream_peak_rss_200k_over_20k", "<=", 1.25, "precompute peak RSS at 200k pairs / at 20k pairs (flat memory)"),
 ]
 
 
@@ -69,12 +71,13 @@ def settings(quick, args):
         "quick": quick, "batch_size": 8, "lr": 1e-6, "beta": 0.1,
         "max_length": 1000,  # prompt+completion tokens, for every tool; no pair reaches it (<= 600)
         "betas": "0.05,0.1,0.2,0.5",
-        "train_steps": 3 if quick else 12,  # per stage-2 configuration, first `warmup` left out of the median
+        "train_steps": 3 if quick else 24,  # per stage-2 configuration, first `warmup` left out of the mean
         "warmup": 1 if quick else 2,
         "sweep_steps": 2 if quick else 16,  # per beta
         "trl_precompute_dtypes": ["float32", "bfloat16"],
         "trl_live_dtypes": ["float32"],
         "query_rows": 200_000 if quick else 10_000_000,
+        "stream_sizes": "500,5000" if quick else "20000,200000",  # pairs; the smallest and largest are compared
         "threads": args.threads,
         "timeout_s": 900 if quick else 4 * 3600,
     }
@@ -286,6 +289,14 @@ def piece_queries(ctx):
     run_piece("queries", argv, ctx["res"], ctx["s"]["timeout_s"])
 
 
+def piece_streaming(ctx):
+    argv = [py(), BENCH / "streaming.py", "--sizes", ctx["s"]["stream_sizes"], "--work", ctx["work"] / "streaming",
+            "--json", ctx["res"] / "streaming.json"]
+    if ctx["s"]["threads"]:
+        argv += ["--threads", ctx["s"]["threads"]]
+    run_piece("streaming", argv, ctx["res"], ctx["s"]["timeout_s"])
+
+
 # ---------------------------------------------------------------- merging
 
 def load(res, name):
@@ -346,15 +357,23 @@ def stage1_rows(st, w, rates):
     return rows
 
 
+def trl_mean_step(t):
+    """Mean seconds/step of a TRL run after its warm-up steps (older result files carry only the step list)."""
+    if not t:
+        return None
+    steady = (t.get("step_s") or [])[t.get("warmup") or 0:]
+    return t.get("mean_step_s") or (statistics.mean(steady) if steady else t.get("median_step_s"))
+
+
 def train_rows(tr):
     """Normalise bench/train.py's measurements to {mode: cached|live, dtype, step_s, peak_rss_bytes}."""
     rows = []
     for mode in ("cached", "live"):  # bench/train.py: {"dtype", "cached": {...}, "live": {...}}
         d = tr.get(mode)
         if isinstance(d, dict):
-            step = first(d, "step_s_median", "median_step_s", "seconds_per_step")
+            step = first(d, "step_s_mean", "step_s_median", "median_step_s", "seconds_per_step")
             rows.append({"mode": mode, "dtype": norm_dtype(tr.get("dtype") or "float32"), "step_s": step,
-                         "peak_rss_bytes": first(d, "peak_rss_bytes", "peak_rss")})
+                         "step_s_median": d.get("step_s_median"), "peak_rss_bytes": first(d, "peak_rss_bytes", "peak_rss")})
     if rows:
         return rows
     for d in find_dicts(tr, lambda d: any(k in d for k in ("median_step_s", "step_s", "seconds_per_step"))):
@@ -440,15 +459,15 @@ def merge(res, s, status):
         figs["train_mem_saved_over_ref_weight_bytes"] = first(tr or {}, "train_mem_saved_over_ref_weight_bytes")
     figs["ref_weight_bytes"] = ref_bytes
     trl_live = {dt: load(res, f"trl_live_{dt}") for dt in ("float32", "bfloat16")}
-    raw["trl_train"] = [{"mode": m, "dtype": dt, "step_s": t.get("median_step_s"), "peak_rss_bytes": t.get("peak_rss_bytes"),
-                         "step_s_all": t.get("step_s")}
+    raw["trl_train"] = [{"mode": m, "dtype": dt, "step_s": trl_mean_step(t), "step_s_median": t.get("median_step_s"),
+                         "peak_rss_bytes": t.get("peak_rss_bytes"), "step_s_all": t.get("step_s")}
                         for m, src in (("precompute", trl_pre), ("live", trl_live)) for dt, t in src.items() if t]
     tp = trl_pre["float32"] or {}
     figs["stage2_equal_settings"] = "train_info" not in raw  # bench/train.py ran on the workload model and pairs
-    figs["trl_over_refcache_step_s"] = ratio(tp.get("median_step_s"), cached and cached["step_s"])
+    figs["trl_over_refcache_step_s"] = ratio(trl_mean_step(tp), cached and cached["step_s"])
     figs["refcache_over_trl_peak_mem"] = ratio(cached and cached["peak_rss_bytes"], tp.get("peak_rss_bytes"))
     if trl_live["float32"] and cached:
-        figs["trl_live_over_refcache_step_s"] = ratio(trl_live["float32"].get("median_step_s"), cached["step_s"])
+        figs["trl_live_over_refcache_step_s"] = ratio(trl_mean_step(trl_live["float32"]), cached["step_s"])
     if cfg and wfull:
         # Stage-2 MFU estimate: 3 forwards' worth (forward + backward) of a mean batch of pairs per step.
         batch_flops = 3 * wfull["flops"] / wfull["n_pairs"] * s["batch_size"]
@@ -466,6 +485,16 @@ def merge(res, s, status):
     figs["query_10m_max_s"] = q and q.get("query_10m_max_s")
     if q:
         figs["query_example_rows"] = q.get("example_rows")
+
+    # Streaming: stage-1 peak RSS at the smallest and largest size (20k and 200k; --quick: toy sizes)
+    sm = load(res, "streaming")
+    raw["streaming"] = sm
+    if sm and sm.get("runs"):
+        small, large = min(sm["runs"], key=lambda r: r["pairs"]), max(sm["runs"], key=lambda r: r["pairs"])
+        figs["stream_peak_rss_20k_bytes"] = small["peak_rss_bytes"]
+        figs["stream_peak_rss_200k_bytes"] = large["peak_rss_bytes"]
+        figs["stream_peak_rss_200k_over_20k"] = ratio(large["peak_rss_bytes"], small["peak_rss_bytes"])
+        figs["stream_pairs"] = [small["pairs"], large["pairs"]]
 
     checks = {k: met(figs.get(k), op, v) for k, op, v, _ in TARGETS}
     return {"figures": figs, "targets": {k: {"op": op, "value": v, "met": checks[k]} for k, op, v, _ in TARGETS},
@@ -554,14 +583,13 @@ def render(report):
         L.append(f"| {r['backend']} | {r['dtype']} | {fmt(r['pairs_per_s'], 1)} | {fmt(r['tokens_per_s'], 0)} | "
                  f"{fmt(r['seconds'], 1)} | {fmt(r.get('startup_s'), 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% |")
     L += ["", ("### Stage 2 — training step time and peak memory "
-               f"(batch {s['batch_size']}, median of steps after {s['warmup']} warm-up)"), "",
-          "| trainer | reference | dtype | s/step | peak RSS GiB | MFU (est.) |", "|---|---|---|---|---|---|"]
-    for r in raw.get("train", []):
-        L.append(f"| refcache | {r['mode']} | {r['dtype']} | {fmt(r['step_s'])} | {fmt(gib(r['peak_rss_bytes']), 2)} | "
-                 f"{fmt(r.get('mfu_estimate') and 100 * r['mfu_estimate'], 1)}% |")
-    for r in raw.get("trl_train", []):
-        L.append(f"| TRL | {r['mode']} | {r['dtype']} | {fmt(r['step_s'])} | {fmt(gib(r['peak_rss_bytes']), 2)} | "
-                 f"{fmt(r.get('mfu_estimate') and 100 * r['mfu_estimate'], 1)}% |")
+               f"(batch {s['batch_size']}; s/step = mean over the steps after warm-up)"), "",
+          "| trainer | reference | dtype | s/step (mean) | s/step (median) | peak RSS GiB | MFU (est.) |",
+          "|---|---|---|---|---|---|---|"]
+    for who, key in (("refcache", "train"), ("TRL", "trl_train")):
+        for r in raw.get(key, []):
+            L.append(f"| {who} | {r['mode']} | {r['dtype']} | {fmt(r['step_s'])} | {fmt(r.get('step_s_median'))} | "
+                     f"{fmt(gib(r['peak_rss_bytes']), 2)} | {fmt(r.get('mfu_estimate') and 100 * r['mfu_estimate'], 1)}% |")
     if tr_model := (raw.get("train_info") or {}).get("model"):
         L.append(f"\nrefcache rows: model `{tr_model}`, {raw['train_info'].get('params', 0) / 1e6:.1f}M parameters, "
                  f"{raw['train_info'].get('pairs')} pairs (bench/train.py); TRL rows: the workload model and pairs.")
@@ -582,6 +610,19 @@ def render(report):
         L += ["", f"### Queries — {q['example_rows']:,} example rows", "", "| diagnostic | median s | cold s |",
               "|---|---|---|"]
         L += [f"| {x['query']} | {x['median_s']:.3f} | {x['cold_s']:.3f} |" for x in q["queries"]]
+    sm = raw.get("streaming")
+    if sm and sm.get("runs"):
+        L += ["", "### Streaming — stage-1 memory at 20k and 200k pairs", "",
+              (f"`refcache precompute` ({sm['backend']}, {sm['dtype']}, `{sm['model']}`) in a child process over short "
+               "synthetic pairs, a fresh cache each; peak RSS from the child's rusage, RSS sampled every 0.5 s."), "",
+              "| pairs | peak RSS MiB | RSS at 25% / 50% / 75% of the run, MiB | wall s | tokens/s | rows | parts |",
+              "|---|---|---|---|---|---|---|"]
+        for r in sm["runs"]:
+            tl = r.get("rss_timeline") or [[0, 0]]
+            mid = " / ".join(f"{tl[int(len(tl) * q)][1] / 2**20:,.0f}" for q in (0.25, 0.5, 0.75))
+            L.append(f"| {r['pairs']:,} | {r['peak_rss_bytes'] / 2**20:,.0f} | {mid} | {r['wall_s']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['rows']:,} | {r['parts']} |")
+        L.append(f"\nPeak RSS, largest / smallest size: **{fmt(f.get('stream_peak_rss_200k_over_20k'))}**.")
     failed = {k: v for k, v in report["pieces"].items() if not v["ok"]}
     if failed:
         L += ["", "### Pieces that failed", ""]
@@ -613,7 +654,8 @@ def write_markdown(path, section):
 
 STEPS = {"workload": piece_workload, "matmul": piece_matmul, "stage1": piece_stage1,
          "trl_precompute": piece_trl_precompute, "train": piece_train, "trl_live": piece_trl_live,
-         "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries}
+         "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries,
+         "streaming": piece_streaming}
 
 
 def main():
@@ -650,7 +692,7 @@ def main():
     for name in todo:
         t = time.perf_counter()
         try:
-            if name != "workload" and ctx["w"] is None:
+            if name not in ("workload", "streaming") and ctx["w"] is None:  # streaming makes its own pairs
                 ctx["w"] = workload_record(quick)
             STEPS[name](ctx)
             status[name] = {"ok": True, "seconds": time.perf_counter() - t}

@@ -147,6 +147,7 @@ def cmd_run(args):
     out["train_s"] = time.perf_counter() - t0
     steady = timer.times[args.warmup:] or timer.times
     out |= {"step_s": timer.times, "median_step_s": statistics.median(steady) if steady else None,
+            "mean_step_s": statistics.mean(steady) if steady else None,
             "train_loss": result.training_loss, "peak_rss_bytes": peak_rss_bytes(),
             "wall_s": time.perf_counter() - T_PROCESS}
     print(f"trl {args.mode} {args.dtype}: median {out['median_step_s']:.3f} s/step over {len(steady)} steps, "

@@ -51,6 +51,10 @@ def _add_train_args(p, sweep=False):
     g.add_argument("--epochs", type=float, help="passes over the training pairs (default 1)")
     a("--batch-size", type=int, default=8, help="pairs per optimizer step, over all processes (8)")
     a("--grad-accum", type=int, default=1, help="micro-batches per process per step (1)")
+    a("--max-tokens", type=int, default=2048,
+      help="padded tokens per forward pass: longer micro-batches run in pieces, same gradient (2048; 0 = no limit)")
+    a("--no-share-prompt", dest="share_prompt", action="store_false",
+      help="run the prompt twice (rows prompt+chosen, prompt+rejected) instead of once per pair")
     a("--lr", type=float, default=1e-6, help="peak learning rate (1e-6)")
     a("--warmup", type=float, default=0.0, help="warmup steps, or a fraction of all steps if < 1 (0)")
     a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr decay after warmup")

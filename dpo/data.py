@@ -52,6 +52,11 @@ class Pairs:
         return self.prompt_len + np.maximum(self.chosen_len, self.rejected_len)
 
     @property
+    def packed_len(self) -> np.ndarray:
+        """Length of the one row prompt + chosen + rejected that a pair takes with a shared prompt."""
+        return self.prompt_len + self.chosen_len + self.rejected_len
+
+    @property
     def max_token_id(self) -> int:
         return int(
             max((v.max() if len(v) else 0) for v in (self.prompt[0], self.chosen[0], self.rejected[0]))
@@ -154,6 +159,23 @@ def split_batch(idx: np.ndarray, lengths: np.ndarray, parts: int) -> list[np.nda
     return list(idx.reshape(parts, -1))
 
 
+def split_tokens(idx: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut a micro-batch into consecutive pieces whose forward pass holds at most `max_tokens` padded tokens:
+    len(piece) x the largest `cost` in it, where cost[i] is what pair i adds to a row-padded batch (2 rows of
+    prompt+completion, or one shared-prompt row). At least one pair per piece; 0 = no limit. The loss is a
+    sum over pairs, so the pieces add up to the same gradient."""
+    if max_tokens <= 0 or len(idx) == 0:
+        return [idx]
+    pieces, start, widest = [], 0, 0
+    for i, j in enumerate(idx):
+        widest = max(widest, int(cost[j]))
+        if i > start and (i + 1 - start) * widest > max_tokens:
+            pieces.append(idx[start:i])
+            start, widest = i, int(cost[j])
+    pieces.append(idx[start:])
+    return pieces
+
+
 def probe_subset(n: int, size: int, seed: int) -> np.ndarray:
     """A fixed, seeded subset of `size` row indices (all rows if size >= n), in row order."""
     if size >= n:
@@ -161,7 +183,7 @@ def probe_subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 7919]).choice(n, size=size, replace=False))
 
 
-def collate(p: Pairs, idx: np.ndarray, pad_id: int = 0) -> dict:
+def collate(p: Pairs, idx: np.ndarray, pad_id: int = 0, share_prompt: bool = False) -> dict:
     """Tensors for one forward pass over b pairs: 2b rows [prompt+chosen for each pair, then prompt+rejected],
     right-padded (no attention mask needed: real tokens never attend to the padding after them).
 
@@ -169,6 +191,8 @@ def collate(p: Pairs, idx: np.ndarray, pad_id: int = 0) -> dict:
     completion tokens; targets (N,) those tokens; seq_index (N,) their row; chosen_len/rejected_len (b,);
     ref_chosen_logp/ref_rejected_logp (b,) float64; tokens (int) non-pad tokens.
     """
+    if share_prompt:
+        return collate_shared(p, idx, pad_id)
     b = len(idx)
     rows, comp_starts, comp_lens = [], [], []
     for side in (p.chosen, p.rejected):
@@ -198,4 +222,25 @@ def collate(p: Pairs, idx: np.ndarray, pad_id: int = 0) -> dict:
         "ref_rejected_logp": torch.from_numpy(p.ref_rejected_logp[idx]),
         "tokens": int(sum(len(r) for r in rows)),
         "padded": int(ids.size),
+    }
+
+
+def collate_shared(p: Pairs, idx: np.ndarray, pad_id: int = 0) -> dict:
+    """Like :func:`collate`, but each pair is ONE row [prompt, chosen, rejected] (the prompt runs once; layout in
+    :mod:`pipeline.packing`). Adds position_ids (b, T) and attention_mask (b, 1, T, T) bool; hidden_index points
+    into the (b*T) hidden states; seq_index still numbers chosen 0..b-1 and rejected b..2b-1."""
+    from pipeline.packing import pack_pairs
+
+    def ids(side, i):
+        return side[0][side[1][i] : side[1][i + 1]]
+
+    batch = pack_pairs([(ids(p.prompt, i), ids(p.chosen, i), ids(p.rejected, i)) for i in idx], pad_id)
+    return {
+        **batch,
+        "chosen_len": torch.from_numpy(p.chosen_len[idx].astype(np.float64)),
+        "rejected_len": torch.from_numpy(p.rejected_len[idx].astype(np.float64)),
+        "ref_chosen_logp": torch.from_numpy(p.ref_chosen_logp[idx]),
+        "ref_rejected_logp": torch.from_numpy(p.ref_rejected_logp[idx]),
+        "tokens": int(p.packed_len[idx].sum()),
+        "padded": int(batch["input_ids"].numel()),
     }

@@ -1,6 +1,7 @@
 """Policy log-probs of completion tokens: one forward pass over chosen and rejected rows together.
 
-The decoder runs once over the 2b padded rows; the LM head is applied only at the N positions that predict a
+The decoder runs once over the 2b padded rows (or b rows [prompt, chosen, rejected] that share the prompt,
+see :func:`dpo.data.collate_shared`); the LM head is applied only at the N positions that predict a
 completion token, in chunks, through :class:`TokenLogp`, which never keeps an (N, vocab) fp32 tensor alive: it
 stores the logsumexp per token and recomputes each chunk's logits in the backward pass. Per-token values are
 fp32; sums per row are accumulated in fp64 (the cache's sums are fp64 over fp32 per-token values, so a policy
@@ -9,6 +10,8 @@ equal to the reference reproduces them and the step-0 loss is ln 2).
 
 import torch
 from torch import nn
+
+from pipeline.packing import plain_lm_head
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32)
 
@@ -65,22 +68,10 @@ class TokenLogp(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
 
 
-def _plain_lm_head(model) -> bool:
-    """True when logits are exactly hidden @ W^T (no bias, soft-capping or scaling), so TokenLogp applies."""
-    head = model.get_output_embeddings()
-    cfg = model.config
-    return (
-        isinstance(head, nn.Linear)
-        and head.bias is None
-        and not getattr(cfg, "final_logit_softcapping", None)
-        and getattr(cfg, "logit_scale", 1.0) in (None, 1.0)
-        and getattr(cfg, "logits_scaling", 1.0) in (None, 1.0)
-    )
-
-
 class CompletionLogps(nn.Module):
-    """Wraps a causal LM; forward(batch) -> (sums (2b,) fp64, per_token (N,) fp32) for a batch from
-    :func:`dpo.data.collate`. Rows [:b] are prompt+chosen, rows [b:] prompt+rejected.
+    """Wraps a causal LM; forward(...) -> (sums (2b,) fp64, per_token (N,) fp32) for a batch from
+    :func:`dpo.data.collate`: sums[:b] are the chosen completions, sums[b:] the rejected ones (from 2b rows
+    prompt+completion, or from b shared-prompt rows with position_ids and a 4D attention_mask).
 
     A module (not a function) so DistributedDataParallel can wrap the whole computation and its gradient
     hooks fire."""
@@ -88,12 +79,12 @@ class CompletionLogps(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.fused = _plain_lm_head(model)
+        self.fused = plain_lm_head(model)
 
-    def forward(self, input_ids, hidden_index, targets, seq_index):
-        n_rows = input_ids.shape[0]
+    def forward(self, input_ids, hidden_index, targets, seq_index, n_rows, position_ids=None, attention_mask=None):
+        kw = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
         if self.fused:
-            hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = self.model.get_decoder()(**kw, use_cache=False).last_hidden_state
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
             weight = self.model.get_output_embeddings().weight
             dtype = (
@@ -103,7 +94,7 @@ class CompletionLogps(nn.Module):
             )
             tok = TokenLogp.apply(h, weight, targets, dtype)
         else:  # generic path: full logits from the model's own head
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            logits = self.model(**kw, use_cache=False).logits
             sel = logits.reshape(-1, logits.shape[-1]).index_select(0, hidden_index).float()
             tok = sel.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)
         sums = torch.zeros(n_rows, dtype=torch.float64, device=tok.device).index_add(
@@ -115,11 +106,17 @@ class CompletionLogps(nn.Module):
 def batch_logps(net, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run `net` (CompletionLogps, possibly DDP-wrapped) on a collated batch.
     Returns (chosen (b,), rejected (b,), per_token (N,))."""
+    def dev(key):
+        return batch[key].to(device, non_blocking=True) if key in batch else None
+
     sums, tok = net(
-        batch["input_ids"].to(device, non_blocking=True),
-        batch["hidden_index"].to(device, non_blocking=True),
-        batch["targets"].to(device, non_blocking=True),
-        batch["seq_index"].to(device, non_blocking=True),
+        dev("input_ids"),
+        dev("hidden_index"),
+        dev("targets"),
+        dev("seq_index"),
+        2 * len(batch["chosen_len"]),
+        dev("position_ids"),
+        dev("attention_mask"),
     )
     b = sums.shape[0] // 2
     return sums[:b], sums[b:], tok

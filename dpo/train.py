@@ -11,7 +11,8 @@ checkpoints/step-*.pt, final/ (Hugging Face format), summary.json.
 
 Batch semantics: ``batch_size`` pairs per optimizer step in total (across all processes), split into
 ``world_size * grad_accum`` equal micro-batches of similar length; the loss is the mean over the batch. So the
-per-step numbers do not depend on how many processes run it. Multi-process: launch with torchrun or
+per-step numbers do not depend on how many processes run it. A micro-batch whose forward pass would hold more
+than ``max_tokens`` padded tokens runs in pieces (gradients add up), which bounds activation memory. Multi-process: launch with torchrun or
 ``accelerate launch`` (env WORLD_SIZE/RANK/LOCAL_RANK); gloo on CPU, nccl on GPU; only rank 0 writes.
 """
 
@@ -41,6 +42,7 @@ from dpo import data as D
 from dpo import losses as L
 from dpo.logps import CompletionLogps, batch_logps
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
+from pipeline.packing import takes_custom_mask
 from refcache import UserError
 
 
@@ -68,6 +70,8 @@ class TrainConfig:
     epochs: float | None = None  # passes over the training pairs (default 1 when steps is None)
     batch_size: int = 8  # pairs per optimizer step, across all processes
     grad_accum: int = 1  # micro-batches per process per step
+    max_tokens: int = 2048  # padded tokens per forward pass; longer micro-batches are cut (0 = no limit)
+    share_prompt: bool = True  # one row [prompt, chosen, rejected] per pair: the prompt runs once
     lr: float = 1e-6  # peak learning rate (AdamW)
     warmup: float = 0.0  # warmup steps (>= 1) or fraction of total steps (< 1)
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
@@ -96,7 +100,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "progress", "out", "flush_seconds", "threads", "keep_checkpoints"}
+_RESUME_FREE = {"resume", "progress", "out", "flush_seconds", "threads", "keep_checkpoints", "max_tokens"}
 LOSS_PARAM_FIELDS = (
     "beta",
     "label_smoothing",
@@ -209,6 +213,9 @@ def train(cfg: TrainConfig) -> dict:
     ref_net = None
     if cfg.live_ref:
         ref_net = CompletionLogps(_load_causal_lm(cfg.ref_model)).to(device).eval().requires_grad_(False)
+    share = cfg.share_prompt and takes_custom_mask(model) and (ref_net is None or takes_custom_mask(ref_net.model))
+    if cfg.share_prompt and not share and master:
+        print("note: this attention implementation takes no custom mask; prompts run once per completion")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -231,11 +238,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- probe subsets and logging buffers ----
     lengths = train_pairs.seq_len
+    cost = train_pairs.packed_len if share else 2 * lengths  # padded tokens a pair adds to a forward pass
     probes = [("train", train_pairs, D.probe_subset(len(train_pairs), cfg.probe_size, cfg.seed))]
     if eval_pairs is not None:
         probes.append(("eval", eval_pairs, D.probe_subset(len(eval_pairs), cfg.probe_size, cfg.seed)))
     probes = [p for p in probes if len(p[2])]  # probe_size 0: no probes at all
     micro_bs = cfg.batch_size // n_micro
+    max_tokens = 0 if cfg.loss in L.BATCH_LEVEL else cfg.max_tokens  # aot ranks over the whole micro-batch
     ex_buffer, timers = [], {"log": 0.0, "probe": 0.0, "checkpoint": 0.0, "train": 0.0}
     last_flush = time.perf_counter()
     last_probe = {}
@@ -282,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
         for split, pairs, subset in probes:
             vals, order = [], []
             for chunk in _chunks(subset, pairs.seq_len, max(micro_bs, 8)):
-                batch = D.collate(pairs, chunk)
+                batch = D.collate(pairs, chunk, share_prompt=share)
                 with torch.no_grad(), autocast:
                     pc, pr, _ = batch_logps(net, batch, device)
                 rc, rr = ref_sums(batch)
@@ -367,10 +376,10 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         micro = D.split_batch(batches_of(epoch)[k], lengths, n_micro)
-        mine = micro[rank::world]
+        mine = [p for m in micro[rank::world] for p in D.split_tokens(m, cost, max_tokens)]
         stats, tokens = [], 0
         for j, idx in enumerate(mine):
-            batch = D.collate(train_pairs, idx)
+            batch = D.collate(train_pairs, idx, share_prompt=share)
             sync = contextlib.nullcontext() if world == 1 or j == len(mine) - 1 else ddp_net.no_sync()
             with sync:
                 with autocast:
@@ -443,6 +452,7 @@ def train(cfg: TrainConfig) -> dict:
         if step_delay:
             time.sleep(step_delay)
     bar.close()
+    timers["shared_prompt"] = share
     timers["peak_rss_loop"] = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )  # before the final save
@@ -780,6 +790,7 @@ def _summary(run, run_id, resolved, step_rows, last_probe, timers, wall, device)
         "first_loss": step_rows[0]["loss"] if step_rows else None,
         "final_loss": step_rows[-1]["loss"] if step_rows else None,
         "final_train_reward_accuracy": step_rows[-1]["reward_accuracy"] if step_rows else None,
+        "shared_prompt": timers["shared_prompt"],
         "probe": last_probe,
         "wall_seconds": wall,
         "step_seconds_median": float(np.median(steps_s)) if steps_s else None,

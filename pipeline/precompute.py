@@ -122,14 +122,18 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         step = SCORE_PAIRS.get(name, 256)
         for j in range(0, len(kept), step):
             group = kept[j: j + step]
-            seqs, starts = sequences(group)
             post0 = getattr(scorer, "post_seconds", 0.0)
-            lps = scorer.score(seqs, starts)
+            if getattr(scorer, "can_pack", lambda: False)():  # hf: one row per pair, the prompt runs once
+                lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
+                chosen += [c for c, _ in lps]
+                rejected_lp += [r for _, r in lps]
+            else:
+                seqs, starts = sequences(group)
+                lps = scorer.score(seqs, starts)
+                chosen += lps[0::2]
+                rejected_lp += lps[1::2]
             stats["post_seconds"] += getattr(scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
-            chosen += lps[0::2]
-            rejected_lp += lps[1::2]
-            n_tok = sum(map(len, seqs))
-            stats["tokens"] += n_tok
+            stats["tokens"] += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             stats["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             if bar is not None:
                 bar.update(len(group))

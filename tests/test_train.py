@@ -38,7 +38,9 @@ def caches(train_cache, eval_cache):
 
 @pytest.fixture(scope="module")
 def pair_of_runs(tmp_path_factory, caches):
-    """The same 50-step fp32 config, with the cached reference and with --live-ref."""
+    """The same 50-step fp32 config, with the cached reference and with --live-ref (both shared-prompt rows, as
+    the hf backend scored the cache, so the runs can be compared step by step: Adam turns last-bit differences
+    into visible ones within a few steps)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for name, live in (("cached", False), ("live", True)):

@@ -54,6 +54,47 @@ def test_policy_logps_equal_cached_reference(pairs, tiny_model_dir, train_cache)
     assert np.abs(pr.numpy() - pairs.ref_rejected_logp[idx]).max() < 1e-4
 
 
+def test_shared_prompt_rows_equal_separate_rows(pairs, tiny_model_dir):
+    """One row [prompt, chosen, rejected] per pair (prompt run once) gives the per-token log-probs of the two
+    separate rows, and gradients through both layouts agree."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    net = CompletionLogps(model)
+    idx = np.concatenate([np.argsort(-pairs.packed_len)[:3], np.arange(5)])  # long and mixed, padded
+    sep, shared = D.collate(pairs, idx), D.collate(pairs, idx, share_prompt=True)
+    assert shared["input_ids"].shape[0] == len(idx) and shared["padded"] < sep["padded"]
+    assert torch.equal(shared["targets"], sep["targets"]) and torch.equal(shared["seq_index"], sep["seq_index"])
+    out = {}
+    for name, batch in (("sep", sep), ("shared", shared)):
+        model.zero_grad()
+        pc, pr, tok = batch_logps(net, batch, "cpu")
+        (pc - pr).sum().backward()
+        out[name] = (pc.detach(), pr.detach(), tok.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    a, b = out["sep"], out["shared"]
+    print(f"shared vs separate rows: max per-token |diff| {(a[2] - b[2]).abs().max():.2e}")
+    assert (a[2] - b[2]).abs().max() < 1e-5
+    assert (a[0] - b[0]).abs().max() < 1e-4 and (a[1] - b[1]).abs().max() < 1e-4
+    assert torch.allclose(a[3], b[3], rtol=1e-3, atol=1e-5)
+    # a rejected token may not see the chosen completion: changing chosen leaves rejected log-probs alone
+    mask = shared["attention_mask"][0, 0]
+    n_p, n_c = int(pairs.prompt_len[idx[0]]), int(pairs.chosen_len[idx[0]])
+    assert not mask[n_p + n_c :, n_p : n_p + n_c].any() and mask[n_p + n_c :, :n_p].all()
+
+
+def test_split_tokens_bounds_each_forward(pairs):
+    idx = D.split_batch(np.arange(32), pairs.seq_len, 1)[0]
+    for cost in (2 * pairs.seq_len, pairs.packed_len):
+        for budget in (1, 200, 600, 10**9):
+            pieces = D.split_tokens(idx, cost, budget)
+            assert np.concatenate(pieces).tolist() == idx.tolist()  # same pairs, same order
+            for p in pieces:
+                assert len(p) == 1 or len(p) * cost[p].max() <= budget
+            if budget == 10**9:
+                assert len(pieces) == 1
+    assert len(D.split_tokens(idx, pairs.packed_len, 0)) == 1
+
+
 def test_collate_layout(pairs):
     idx = np.array([3, 0, 7])
     b = D.collate(pairs, idx)
