@@ -342,11 +342,20 @@ def test_grad_accum_lora_bf16_checkpointing(tmp_path, caches):
     base = dict(cache=train_cache, steps=3, probe_every=0, save_final=False, **FAST)
     ref = train(TrainConfig(out=str(tmp_path / "ref"), **base))
     ref_losses = _steps(str(tmp_path / "ref")).column("loss").to_pylist()
-    # the same global batch in 2 micro-batches, and with activation checkpointing: same numbers
-    for name, extra in (("accum", {"grad_accum": 2}), ("ckpt", {"grad_checkpointing": True})):
-        train(TrainConfig(out=str(tmp_path / name), **base, **extra))
+    # the same global batch in 2 micro-batches, in one-pair pieces (--max-tokens 1), with activation
+    # checkpointing: same numbers. Two rows per pair instead of a shared prompt: the same up to float noise
+    # (which Adam's first steps magnify, hence the looser bound).
+    for name, extra, tol in (
+        ("accum", {"grad_accum": 2}, 1e-6),
+        ("pieces", {"max_tokens": 1}, 1e-6),
+        ("ckpt", {"grad_checkpointing": True}, 1e-6),
+        ("two-rows", {"share_prompt": False}, 1e-4),
+    ):
+        s = train(TrainConfig(out=str(tmp_path / name), **base, **extra))
+        assert s["shared_prompt"] == extra.get("share_prompt", True)
         got = _steps(str(tmp_path / name)).column("loss").to_pylist()
-        assert np.abs(np.asarray(got) - ref_losses).max() < 1e-6, name
+        assert abs(got[0] - math.log(2)) < 1e-6, name
+        assert np.abs(np.asarray(got) - ref_losses).max() < tol, name
     # LoRA starts at the reference (B = 0) and saves a merged, loadable model
     lora = train(TrainConfig(out=str(tmp_path / "lora"), **dict(base, save_final=True), lora=4))
     assert abs(lora["first_loss"] - math.log(2)) < 1e-5

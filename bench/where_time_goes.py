@@ -1,0 +1,91 @@
+"""Where the time goes, for the two targets that sit at a bound (BENCHMARKS.md, "Notes").
+
+    .venv/bin/python bench/where_time_goes.py          # needs bench/work/ from `make bench` (the workload model and pairs)
+
+1. Stage 1, hf backend, bf16: torch profiler over scoring 64 pairs; time per op group (matmul, attention, the
+   rest). MFU can only approach the matmul rate if matmuls are nearly all of the time.
+2. Stage 2, fp32, one length-grouped batch of 8 pairs: the seconds of a no-grad forward (what --live-ref adds),
+   forward + backward, and the optimizer step. The cache saves the first; the ratio cached / live is
+   (fwd + bwd + opt) / (that + no-grad fwd).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WORK = ROOT / "bench" / "work"
+
+
+def groups(prof):
+    total, out = 0.0, {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6
+        total += t
+        key = "matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm") else (
+            "attention" if "attention" in e.key else "other")
+        out[key] += t
+    return {k: v / total for k, v in out.items()}, total
+
+
+def stage1(model, pairs_path, n=64):
+    from transformers import AutoTokenizer
+
+    from pipeline.backends import HFScorer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(pairs_path) as f:
+        rows = [json.loads(line) for line in f][:n]
+    triples = [(tok(r["prompt"])["input_ids"], tok(r["chosen"], add_special_tokens=False)["input_ids"],
+                tok(r["rejected"], add_special_tokens=False)["input_ids"]) for r in rows]
+    scorer = HFScorer(model, "bfloat16")
+    scorer.score_pairs(triples[:8])  # warm-up
+    with profile() as prof:
+        scorer.score_pairs(triples)
+    share, total = groups(prof)
+    print(f"stage 1, hf bf16, {n} pairs: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
+          + f" of {total:.2f} s op time")
+
+
+def stage2(model, cache):
+    from dpo import data as D
+    from dpo.logps import CompletionLogps, batch_logps
+    from dpo.train import _load_causal_lm
+
+    pairs = D.load_pairs(cache)
+    m = _load_causal_lm(model)
+    net = CompletionLogps(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+    order = np.argsort(-pairs.packed_len)
+    idx = order[len(order) // 2 : len(order) // 2 + 8]  # a batch of median length
+    pieces = D.split_tokens(idx, pairs.packed_len, 2048)
+    for rep in range(3):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for p in pieces:
+                batch_logps(net, D.collate(pairs, p, share_prompt=True), "cpu")
+        t1 = time.perf_counter()
+        for p in pieces:
+            pc, pr, _ = batch_logps(net, D.collate(pairs, p, share_prompt=True), "cpu")
+            (pc - pr).sum().float().backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+    fwd, fb, o = t1 - t0, t2 - t1, t3 - t2
+    print(f"stage 2, fp32, 8 pairs: no-grad forward {fwd:.3f} s, forward+backward {fb:.3f} s "
+          f"({fb / fwd:.2f} forwards), optimizer {o:.3f} s; cached/live bound {(fb + o) / (fb + o + fwd):.3f}")
+
+
+if __name__ == "__main__":
+    model = WORK / "workload" / "model"
+    stage1(str(model), WORK / "workload" / "pairs.jsonl")
+    cache = next((WORK / "train").glob("cache-*"))
+    stage2(str(model), str(cache))
