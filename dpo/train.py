@@ -12,8 +12,9 @@ checkpoints/step-*.pt, final/ (Hugging Face format), summary.json.
 Batch semantics: ``batch_size`` pairs per optimizer step in total (across all processes), split into
 ``world_size * grad_accum`` equal micro-batches of similar length; the loss is the mean over the batch. So the
 per-step numbers do not depend on how many processes run it. A micro-batch whose forward pass would hold more
-than ``max_tokens`` padded tokens runs in pieces (gradients add up), which bounds activation memory. Multi-process: launch with torchrun or
-``accelerate launch`` (env WORLD_SIZE/RANK/LOCAL_RANK); gloo on CPU, nccl on GPU; only rank 0 writes.
+than ``max_tokens`` padded tokens runs in pieces (gradients add up), which bounds activation memory. Each pair is
+one row [prompt, chosen, rejected] (``share_prompt``, pipeline/packing.py). Multi-process: launch with torchrun
+or ``accelerate launch`` (env WORLD_SIZE/RANK/LOCAL_RANK); gloo on CPU, nccl on GPU; only rank 0 writes.
 """
 
 import contextlib

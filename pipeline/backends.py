@@ -24,7 +24,8 @@ def resolve_backend(name: str, dtype: str) -> str:
         return name
     if torch.cuda.is_available():
         return "vllm"
-    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 3,785 vs vLLM 1,748 tokens/s in fp32, 9,717 vs 7,690 in bf16.
+    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 3,785 vs vLLM 1,748 tokens/s in fp32,
+    # 9,717 vs 7,690 in bf16.
     return "hf"
 
 
@@ -106,8 +107,8 @@ class HFScorer:
         w = self.model.get_output_embeddings().weight
         targets = b["targets"].to(self.device)
         chunk = max(1, self.fp32_elements // w.shape[0])
-        lp = torch.cat([_token_logps(h[s : s + chunk] @ w.T, targets[s : s + chunk]) for s in range(0, len(h), chunk)])
-        lp = lp.cpu().numpy().astype(np.float32)
+        lp = torch.cat([_token_logps(h[s : s + chunk] @ w.T, targets[s : s + chunk])
+                        for s in range(0, len(h), chunk)]).cpu().numpy().astype(np.float32)
         n_c = sum(len(c) for _, c, _ in triples)
         ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
         ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
