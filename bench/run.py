@@ -422,7 +422,7 @@ def merge(res, s, status):
                          "mfu": matmul.mfu(flops, t["precompute_s"], rates.get(dt)), "postprocess_share": None,
                          "startup_s": t.get("load_s")})
     raw["stage1"] = rows
-    ours = [r for r in rows if r["backend"] in ("vllm", "hf", "auto")]
+    ours = [r for r in rows if r["backend"] in ("vllm", "hf", "hf+compile", "auto")]
     best32 = max((r for r in ours if r["dtype"] == "float32"), key=lambda r: r["pairs_per_s"], default=None)
     best16 = max((r for r in ours if r["dtype"] == "bfloat16"), key=lambda r: r["pairs_per_s"], default=None)
     trl32 = pick(rows, backend="trl-precompute", dtype="float32")

@@ -89,16 +89,17 @@ def run_one(args):
         from pipeline.cache import load_table
         from pipeline.precompute import precompute
 
-        settings = {"batch_size": args.batch_size if backend == "hf" else None}
+        label, backend = backend, backend.split("+")[0]  # hf+compile: the hf backend with compile=True
+        settings = {"batch_size": args.batch_size if backend == "hf" else None, "compile": label == "hf+compile"}
         if backend == "vllm":
             settings.update(max_model_len=args.max_length + 1, gpu_memory_utilization=args.gpu_memory_utilization)
         t = time.time()
         scorer = make_scorer(backend, args.model, dtype, **settings)
         start = time.time() - t
         # warm-up: one tiny run through the whole stage (first calls of the tokenizer, forward, Parquet writer)
-        precompute(args.data, args.model, Path(args.work) / f"warmup-{backend}-{dtype}", backend=backend,
+        precompute(args.data, args.model, Path(args.work) / f"warmup-{label}-{dtype}", backend=backend,
                    dtype=dtype, max_length=args.max_length, limit=4, progress=False, scorer=scorer)
-        out = Path(args.work) / f"{backend}-{dtype}"
+        out = Path(args.work) / f"{label}-{dtype}"
         s = precompute(args.data, args.model, out, backend=backend, dtype=dtype, max_length=args.max_length,
                        limit=args.limit, progress=False, scorer=scorer)
         res.update(seconds=s["score_seconds"], pairs=s["rows_kept"], tokens=s["tokens"], startup_s=start,
@@ -107,7 +108,8 @@ def run_one(args):
         t = load_table(out, ["ref_chosen_token_logps", "ref_rejected_token_logps"])
         lp = [np.asarray(x, np.float32) for pair in zip(t.column(0).to_pylist(), t.column(1).to_pylist())
               for x in pair]
-        np.save(Path(args.work) / f"{backend}-{dtype}.npy", np.concatenate(lp))
+        np.save(Path(args.work) / f"{label}-{dtype}.npy", np.concatenate(lp))
+        res["backend"] = label
         if hasattr(scorer, "close"):
             scorer.close()
     k = tokenized_pairs(args.model, args.data, args.limit, args.max_length)
@@ -125,7 +127,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=1023)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward for hf and plain (default 8)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
-    ap.add_argument("--backends", default="vllm,hf,plain")
+    ap.add_argument("--backends", default="vllm,hf,hf+compile,plain")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the figures here")

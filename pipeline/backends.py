@@ -6,7 +6,8 @@ float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1.
   vllm  vllm.LLM, TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
   hf    transformers forward over length-sorted batches, fp32 log-softmax. Scores a pair as one row
         [prompt, chosen, rejected] (pipeline/packing.py) so the prompt runs once; `score` (two rows per pair)
-        stays the independent oracle that `refcache verify` uses.
+        stays the independent oracle that `refcache verify` uses. compile=True runs the decoder through
+        torch.compile (fused norms, RoPE and activations; measured in BENCHMARKS.md).
   auto  vllm when a CUDA GPU is present, hf on a CPU (faster there: BENCHMARKS.md).
 """
 
@@ -52,7 +53,7 @@ class HFScorer:
     name = "hf"
     post_seconds = 0.0  # the forward pass ends in numpy already
 
-    def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, **_ignored):
+    def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, compile=False, **_ignored):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -65,6 +66,13 @@ class HFScorer:
         self.model.eval()
         self.pad_id = 0
         self.fp32_elements = 1 << 25  # 128 MB of fp32 logits
+        self.decoder = self.model.get_decoder()
+        self.compile = bool(compile)
+        self.start_seconds = 0.0  # compile time (model load excluded)
+        if self.compile:
+            t = time.time()
+            self.decoder = _compiled_decoder(self.decoder, self.can_pack())
+            self.start_seconds = time.time() - t
 
     def version(self) -> str:
         import transformers
@@ -73,12 +81,23 @@ class HFScorer:
 
     def settings(self) -> dict:
         return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
-                "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair"}
+                "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair",
+                "compile": self.compile}
 
     def can_pack(self) -> bool:
         from pipeline.packing import plain_lm_head, takes_custom_mask
 
         return plain_lm_head(self.model) and takes_custom_mask(self.model)
+
+    def _decode(self, b):
+        """Hidden states of a pack_pairs batch. A compiled decoder never sees one row: torch.compile
+        specialises size-1 dimensions, so a lone pair runs twice in one batch instead of compiling anew."""
+        ids, pos, mask = (b[k].to(self.device) for k in ("input_ids", "position_ids", "attention_mask"))
+        lone = self.compile and ids.shape[0] == 1
+        if lone:
+            ids, pos, mask = ids.repeat(2, 1), pos.repeat(2, 1), mask.repeat(2, 1, 1, 1)
+        hidden = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+        return hidden[:1] if lone else hidden
 
     def score_pairs(self, triples):
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps)] float32, each
@@ -97,12 +116,7 @@ class HFScorer:
         from pipeline.packing import pack_pairs
 
         b = pack_pairs(triples, self.pad_id)
-        hidden = self.model.get_decoder()(
-            input_ids=b["input_ids"].to(self.device),
-            position_ids=b["position_ids"].to(self.device),
-            attention_mask=b["attention_mask"].to(self.device),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self._decode(b)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["hidden_index"].to(self.device))
         w = self.model.get_output_embeddings().weight
         targets = b["targets"].to(self.device)
@@ -143,6 +157,27 @@ class HFScorer:
         else:  # large vocab: one row at a time, so the fp32 copy is only [K, V]
             lp = np.stack([_token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
         return [lp[b, K - 1 - (len(s) - st):].astype(np.float32) for b, (s, st) in enumerate(zip(seqs, starts))]
+
+
+def _compiled_decoder(decoder, packed: bool):
+    """torch.compile(decoder, dynamic=True), compiled now on a two-pair batch so that a failure (no C++ compiler,
+    an unsupported model) is one clear error before any scoring, and the compile time is start-up time."""
+    from pipeline.packing import pack_pairs
+
+    if not packed:
+        raise UserError("--compile needs the shared-prompt layout (an sdpa/eager model with a plain LM head)")
+    compiled = torch.compile(decoder, dynamic=True)
+    b = pack_pairs([([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [3, 4, 5], [6])])
+    device = next(decoder.parameters()).device
+    try:
+        with torch.no_grad():
+            compiled(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                     attention_mask=b["attention_mask"].to(device), use_cache=False)
+    except Exception as e:  # noqa: BLE001 - one line; the eager path still works
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {msg[:200]}); "
+                        "run without --compile") from None
+    return compiled
 
 
 def _token_logps(logits, target):

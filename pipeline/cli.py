@@ -22,6 +22,9 @@ def add_commands(sub):
                    help="which end of an over-long prompt to keep (default keep_end)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="hf: sequences per forward (default 16); vllm: max_num_seqs (default vLLM's)")
+    p.add_argument("--compile", action="store_true",
+                   help="hf: torch.compile the model first (about 30 s for a 30M model on a CPU; then ~1.2x "
+                        "tokens/s, see BENCHMARKS.md): worth it past a few thousand pairs")
     p.add_argument("--shard", default=None, metavar="I/N", help="process chunks k with k %% N == I")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
     p.add_argument("--part-size", type=int, default=1024, help="input rows per part file (default 1024)")
@@ -67,7 +70,8 @@ def run_precompute(args) -> int:
                          truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
                          limit=args.limit, part_size=args.part_size, columns=columns,
                          progress=not args.no_progress, tensor_parallel_size=args.tensor_parallel_size,
-                         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+                         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                         compile=args.compile)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 

@@ -69,6 +69,8 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
     if part_size < 1:
         raise UserError("--part-size must be at least 1")
+    if backend_settings.get("compile") and name != "hf":
+        raise UserError(f"--compile applies to the hf backend, not {name}; drop it or use --backend hf")
 
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)
