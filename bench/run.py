@@ -167,6 +167,9 @@ def piece_workload(ctx):
 
 def piece_matmul(ctx):
     argv = [py(), BENCH / "matmul.py", "--json", ctx["res"] / "matmul.json"] + (["--quick"] if ctx["quick"] else [])
+    cfg = wl.default_dir(ctx["quick"]) / "model" / "config.json"
+    if cfg.exists():  # the workload's model: also the rate of its own matmul shapes
+        argv += ["--config", cfg]
     if ctx["s"]["threads"]:
         argv += ["--threads", ctx["s"]["threads"]]
     run_piece("matmul", argv, ctx["res"], ctx["s"]["timeout_s"])
@@ -334,7 +337,7 @@ def norm_dtype(x):
     return {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}.get(x, x)
 
 
-def stage1_rows(st, w, rates):
+def stage1_rows(st, w, rates, shape_rates):
     """Normalise bench/stage1.py's measurements to {backend, dtype, seconds, pairs, tokens_per_s, pairs_per_s, mfu}."""
     rows = []
     for d in find_dicts(st, lambda d: "backend" in d and "dtype" in d):
@@ -352,6 +355,7 @@ def stage1_rows(st, w, rates):
         rows.append({"backend": str(d["backend"]), "dtype": dt, "seconds": secs, "pairs": pairs,
                      "tokens_per_s": w["tokens_unique"] * pairs / w["n_pairs"] / secs, "reported_tokens_per_s": tps,
                      "pairs_per_s": pairs / secs, "mfu": matmul.mfu(flops, secs, rates.get(dt)),
+                     "mfu_model_shapes": matmul.mfu(flops, secs, shape_rates.get(dt)),
                      "postprocess_share": first(d, "postprocess_share", "post_share"),
                      "startup_s": first(d, "startup_s", "engine_start_s")})
     return rows
@@ -400,6 +404,7 @@ def merge(res, s, status):
     wfull = json.loads(wj.read_text()) if wj.exists() else {}
     mm = load(res, "matmul") or {}
     rates = {k: mm[k]["flops_per_s"] for k in ("float32", "bfloat16") if k in mm}
+    shape_rates = {k: v["flops_per_s"] for k, v in (mm.get("model_shapes") or {}).items()}
     figs, raw = {}, {}
     cfg = None
     if wfull:
@@ -412,14 +417,16 @@ def merge(res, s, status):
     # Stage 1: ours vs TRL's precompute pass
     trl_pre = {dt: load(res, f"trl_precompute_{dt}") for dt in ("float32", "bfloat16")}
     st = load(res, "stage1")
-    rows = stage1_rows(st, wfull, rates) if (st and wfull) else []
+    rows = stage1_rows(st, wfull, rates, shape_rates) if (st and wfull) else []
     for dt, t in trl_pre.items():
         if t and t.get("precompute_s") and wfull:
             flops = wfull["flops"] * t["precompute_pairs"] / wfull["n_pairs"]
             rows.append({"backend": "trl-precompute", "dtype": dt, "seconds": t["precompute_s"],
                          "pairs": t["precompute_pairs"], "tokens_per_s": t["precompute_tokens_per_s"],
                          "pairs_per_s": t["precompute_pairs_per_s"],
-                         "mfu": matmul.mfu(flops, t["precompute_s"], rates.get(dt)), "postprocess_share": None,
+                         "mfu": matmul.mfu(flops, t["precompute_s"], rates.get(dt)),
+                         "mfu_model_shapes": matmul.mfu(flops, t["precompute_s"], shape_rates.get(dt)),
+                         "postprocess_share": None,
                          "startup_s": t.get("load_s")})
     raw["stage1"] = rows
     ours = [r for r in rows if r["backend"] in ("vllm", "hf", "hf+compile", "auto")]
@@ -429,6 +436,8 @@ def merge(res, s, status):
     figs["stage1_over_trl_precompute_fp32"] = ratio(best32 and best32["pairs_per_s"], trl32 and trl32["pairs_per_s"])
     figs["stage1_best_bf16_mfu"] = max((r["mfu"] for r in ours if r["dtype"] == "bfloat16" and r["mfu"]),
                                        default=None)
+    figs["stage1_best_bf16_mfu_model_shapes"] = max(
+        (r["mfu_model_shapes"] for r in ours if r["dtype"] == "bfloat16" and r.get("mfu_model_shapes")), default=None)
     share = first(st or {}, "stage1_postprocess_share", "postprocess_share")
     if share is None:
         vl = [r["postprocess_share"] for r in rows if r["backend"] == "vllm" and r["postprocess_share"] is not None]
@@ -573,15 +582,21 @@ def render(report):
         L.append(f"Matmul bound ({mm['float32']['n']}×{mm['float32']['n']} @ {mm['float32']['n']}×{mm['float32']['n']}"
                  f", {mm.get('threads')} threads): "
                  f"fp32 {mm['matmul_fp32_gflops']:,.0f} GFLOP/s, bf16 {mm['matmul_bf16_gflops']:,.0f} GFLOP/s.")
+        if ms := mm.get("model_shapes"):
+            L.append(f"The model's own matmul shapes (one layer's projections and MLP plus the LM head, "
+                     f"{ms['bfloat16']['rows']:,} rows): fp32 {ms['float32']['flops_per_s'] / 1e9:,.0f} GFLOP/s, "
+                     f"bf16 {ms['bfloat16']['flops_per_s'] / 1e9:,.0f} GFLOP/s (MFU against these in the last column).")
     if w:
         L.append(f"Model FLOPs: {w['flops'] / 1e9:,.1f} GFLOP to score the {w['n_pairs']} pairs once "
                  f"({w['flops_per_token_unique'] / 1e6:.1f} MFLOP per prompt/chosen/rejected token).")
     L += ["", "tokens = prompt + chosen + rejected of each pair, the same count for every row.", "",
-          "| backend | dtype | pairs/s | tokens/s | scoring s | model/engine start s | MFU |",
-          "|---|---|---|---|---|---|---|"]
+          "| backend | dtype | pairs/s | tokens/s | scoring s | model/engine start s | MFU | MFU (model shapes) |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in raw.get("stage1", []):
+        ms = r.get("mfu_model_shapes")
         L.append(f"| {r['backend']} | {r['dtype']} | {fmt(r['pairs_per_s'], 1)} | {fmt(r['tokens_per_s'], 0)} | "
-                 f"{fmt(r['seconds'], 1)} | {fmt(r.get('startup_s'), 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% |")
+                 f"{fmt(r['seconds'], 1)} | {fmt(r.get('startup_s'), 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% | "
+                 f"{fmt(ms and 100 * ms, 1)}% |")
     L += ["", ("### Stage 2 — training step time and peak memory "
                f"(batch {s['batch_size']}; s/step = mean over the steps after warm-up)"), "",
           "| trainer | reference | dtype | s/step (mean) | s/step (median) | peak RSS GiB | MFU (est.) |",
