@@ -6,10 +6,12 @@ Rate = 2 n^3 / seconds of `a @ b` (torch, all cores, median of --reps after one 
 bfloat16. With --config, also the rate of the model's own matmuls: one decoder layer's projections and MLP plus
 the LM head as `F.linear` on --rows tokens (the size of one scoring batch), random weights of the model's shapes.
 Where the hardware favours large tiles (AMX), narrow models cannot reach the square rate even with nothing but
-matmuls; this second rate says how far the shapes alone fall short. A stage's model-FLOP utilisation (MFU) is the model FLOPs it must do per second divided by the rate
-in its dtype: `forward_flops` counts the matmuls of a decoder forward (attention projections, MLP, LM head:
-2 multiply-adds per weight per token) plus causal attention (QK^T and AV: 4 * d_attn per attended position),
-and leaves out norms, softmax and RoPE (small). Scoring one pair costs its prompt once plus both completions
+matmuls; this second rate says how far the shapes alone fall short.
+
+A stage's model-FLOP utilisation (MFU) is the model FLOPs it must do per second divided by the rate in its
+dtype: `forward_flops` counts the matmuls of a decoder forward (attention projections, MLP, LM head: 2
+multiply-adds per weight per token) plus causal attention (QK^T and AV: 4 * d_attn per attended position), and
+leaves out norms, softmax and RoPE (small). Scoring one pair costs its prompt once plus both completions
 attending to it (`pair_flops`): the least any backend has to compute, so sharing the prompt earns no credit.
 """
 

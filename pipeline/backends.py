@@ -96,8 +96,8 @@ class HFScorer:
         lone = self.compile and ids.shape[0] == 1
         if lone:
             ids, pos, mask = ids.repeat(2, 1), pos.repeat(2, 1), mask.repeat(2, 1, 1, 1)
-        hidden = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
-        return hidden[:1] if lone else hidden
+        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state[:1] if lone else out.last_hidden_state
 
     def score_pairs(self, triples):
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps)] float32, each

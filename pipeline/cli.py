@@ -23,8 +23,8 @@ def add_commands(sub):
     p.add_argument("--batch-size", type=int, default=None,
                    help="hf: sequences per forward (default 16); vllm: max_num_seqs (default vLLM's)")
     p.add_argument("--compile", action="store_true",
-                   help="hf: torch.compile the model first (about 30 s for a 30M model on a CPU; then ~1.2x "
-                        "tokens/s, see BENCHMARKS.md): worth it past a few thousand pairs")
+                   help="hf: torch.compile the model first (15-30 s for a 30M model on a CPU, then 8-15%% more "
+                        "tokens/s and closer to fp32 in bf16; BENCHMARKS.md): worth it past a few thousand pairs")
     p.add_argument("--shard", default=None, metavar="I/N", help="process chunks k with k %% N == I")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
     p.add_argument("--part-size", type=int, default=1024, help="input rows per part file (default 1024)")
