@@ -55,13 +55,12 @@ def measure(model, data, work) -> dict:
     cols = ["pair_id", "ref_chosen_token_logps", "ref_rejected_token_logps", "ref_chosen_logp", "ref_rejected_logp"]
     f32 = load_table(caches["float32"], cols).to_pydict()
     out = {"pairs": len(f32["pair_id"]), "step0": {}}
-    for name in ("bfloat16", "bfloat16_compiled"):
+    for name, key in (("bfloat16", "bf16_cache"), ("bfloat16_compiled", "bf16_compiled_cache")):
         b16 = load_table(caches[name], cols).to_pydict()
         assert f32["pair_id"] == b16["pair_id"]
         tok = np.abs(np.concatenate([np.asarray(a, np.float64) - np.asarray(b, np.float64)
                                      for k in cols[1:3] for a, b in zip(f32[k], b16[k])]))
         seq = np.abs(np.concatenate([np.asarray(f32[k]) - np.asarray(b16[k]) for k in cols[3:]]))
-        key = "bf16_cache" if name == "bfloat16" else "bf16_compiled_cache"
         out.update({"tokens": int(tok.size), f"{key}_token_abs_diff_max": float(tok.max()),
                     f"{key}_token_abs_diff_mean": float(tok.mean()), f"{key}_seq_abs_diff_mean": float(seq.mean())})
     for cache_dtype, policy_dtype in (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"),

@@ -71,7 +71,7 @@ class HFScorer:
         self.start_seconds = 0.0  # compile time (model load excluded)
         if self.compile:
             t = time.time()
-            self.decoder = _compiled_decoder(self.decoder, self.can_pack())
+            self._compile()
             self.start_seconds = time.time() - t
 
     def version(self) -> str:
@@ -88,6 +88,20 @@ class HFScorer:
         from pipeline.packing import plain_lm_head, takes_custom_mask
 
         return plain_lm_head(self.model) and takes_custom_mask(self.model)
+
+    def _compile(self):
+        """torch.compile(decoder, dynamic=True), compiled now by scoring two tiny pairs through the real path, so
+        that a failure (no C++ compiler, an unsupported model) is one clear error before any scoring, and the
+        compile time is start-up time."""
+        if not self.can_pack():
+            raise UserError("--compile needs the shared-prompt layout (an sdpa/eager model with a plain LM head)")
+        self.decoder = torch.compile(self.decoder, dynamic=True)
+        try:
+            self._packed_batch([([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [3, 4, 5], [6])])
+        except Exception as e:  # noqa: BLE001 - one line; the eager path still works
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {msg[:200]}); "
+                            "run without --compile") from None
 
     def _decode(self, b):
         """Hidden states of a pack_pairs batch. A compiled decoder never sees one row: torch.compile
@@ -157,27 +171,6 @@ class HFScorer:
         else:  # large vocab: one row at a time, so the fp32 copy is only [K, V]
             lp = np.stack([_token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
         return [lp[b, K - 1 - (len(s) - st):].astype(np.float32) for b, (s, st) in enumerate(zip(seqs, starts))]
-
-
-def _compiled_decoder(decoder, packed: bool):
-    """torch.compile(decoder, dynamic=True), compiled now on a two-pair batch so that a failure (no C++ compiler,
-    an unsupported model) is one clear error before any scoring, and the compile time is start-up time."""
-    from pipeline.packing import pack_pairs
-
-    if not packed:
-        raise UserError("--compile needs the shared-prompt layout (an sdpa/eager model with a plain LM head)")
-    compiled = torch.compile(decoder, dynamic=True)
-    b = pack_pairs([([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [3, 4, 5], [6])])
-    device = next(decoder.parameters()).device
-    try:
-        with torch.no_grad():
-            compiled(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                     attention_mask=b["attention_mask"].to(device), use_cache=False)
-    except Exception as e:  # noqa: BLE001 - one line; the eager path still works
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {msg[:200]}); "
-                        "run without --compile") from None
-    return compiled
 
 
 def _token_logps(logits, target):
