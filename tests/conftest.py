@@ -1,6 +1,7 @@
 """Session fixtures shared by every stage's tests.
 
   tiny_model_dir  Path to the embedded reference model, data/tiny-llama
+  smollm2_dir     Path to the real-model fixture data/smollm2 (SmolLM2-135M-Instruct; `make smollm2` builds it)
   prefs_dir       Path to data/prefs (train.jsonl, eval.jsonl)
   train_cache     Path to a finished cache: hf backend, float32, first 256 rows of train.jsonl
   eval_cache      Path to a finished cache: hf backend, float32, first 64 rows of eval.jsonl
@@ -30,6 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_model_dir() -> Path:
     d = ROOT / "data" / "tiny-llama"
     assert (d / "config.json").exists(), f"{d} is missing: rebuild it with data/build_model.py"
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    d = ROOT / "data" / "smollm2"
+    if not (d / "config.json").exists():
+        pytest.fail(f"{d} is missing: build it with `make smollm2` (make test does it)", pytrace=False)
     return d
 
 
