@@ -347,9 +347,9 @@ def normalize(row: RawRow, columns: dict, prompt_split: str = "auto") -> Pair:
     prompt, chosen, rejected = rec.get(pc), rec[cc], rec[rc]
     for col, v in ((cc, chosen), (rc, rejected)):
         _check_value(col, v, allow_empty=False)
-    if pc in rec and prompt is None:
-        raise Reject(f"field {pc!r} is null (leave the field out where the prompt is inside {cc!r} and {rc!r})")
-    if pc in rec:
+    if pc in rec:  # a null prompt is an error, not an implicit prompt
+        if prompt is None:
+            raise Reject(f"field {pc!r} is null (leave the field out where the prompt is inside {cc!r} and {rc!r})")
         _check_value(pc, prompt, allow_empty=False)
     pid = pair_id(prompt, chosen, rejected)
 
@@ -398,8 +398,6 @@ def _check_roles(prompt: list, reply: list, col):
     if reply[-1]["role"] != "assistant":
         raise Reject(f"the {col!r} conversation ends on a {reply[-1]['role']!r} turn; it must end with the "
                      "assistant's reply")
-    if not prompt:
-        raise Reject(f"the {col!r} conversation has no turn before the assistant's reply to use as the prompt")
     if prompt[-1]["role"] == "assistant":
         raise Reject(f"the prompt ends on an assistant turn, so {col!r} would be a second assistant turn in a row")
 
@@ -440,11 +438,11 @@ def _split_text(chosen, rejected, cc, rc, prompt_split):
             break
         n += 1
     if prompt_split == "prefix":
-        return "prefix", _split_prefix(chosen, rejected, n)
+        return "prefix", _split_prefix(chosen, rejected, n, both_words=False)
     if prompt_split == "auto":
         style = next((s for s in TRANSCRIPT_MARKERS if _has_turns(chosen, *s) or _has_turns(rejected, *s)), None)
         if style is None:
-            return "prefix", _split_prefix(chosen, rejected, n)
+            return "prefix", _split_prefix(chosen, rejected, n, both_words=True)
         user, marker = style
     else:
         user, marker = None, prompt_split
@@ -475,10 +473,12 @@ def _split_at_marker(chosen, rejected, n, marker, user, cc, rc):
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _split_prefix(chosen, rejected, n):
-    """The longest common prefix, backed off to a word boundary (TRL's rule, plus the back-off)."""
+def _split_prefix(chosen, rejected, n, both_words):
+    """The longest common prefix (TRL's rule), backed off to a word boundary of chosen (`prefix`, the rule
+    before `auto`) or of both texts (`auto`: "A handy" / "At 5%" is cut before "A", not after it)."""
     n = min(n, len(chosen) - 1, len(rejected) - 1)  # leave each completion at least one character
-    if n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace():  # mid-word: back off to a space
+    at_space = chosen[n].isspace() and (rejected[n].isspace() or not both_words)
+    if n > 0 and not chosen[n - 1].isspace() and not at_space:  # mid-word: back off to a space
         cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
         n = cut if cut > 0 else n
     if n <= 0 or not chosen[:n].strip():

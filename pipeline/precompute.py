@@ -55,9 +55,9 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
-    prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets a caller reuse an
-    already-built backend (one vLLM engine per process). Extra keyword arguments go to the backend
-    (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
+    prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
+    a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
+    backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
     min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence."""
     t0 = time.time()
     shard_i, shard_n = parse_shard(shard)
