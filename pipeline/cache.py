@@ -115,6 +115,17 @@ def settings_diff(old: dict, new: dict) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
+def _inner_diff(old: dict, new: dict) -> str:
+    """What changed inside the differing settings that are dicts, e.g. "tokenization.max_length 1023 -> 600"."""
+    def show(d, k):
+        r = repr(d[k]) if k in d else "(absent)"
+        return r if len(r) <= 48 else r[:45] + "..."
+
+    out = [f"{k}.{sub} {show(old[k], sub)} -> {show(new[k], sub)}" for k in settings_diff(old, new)
+           if isinstance(old.get(k), dict) and isinstance(new.get(k), dict) for sub in settings_diff(old[k], new[k])]
+    return "; " + ", ".join(out) if out else ""
+
+
 def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     """Refuse to add to a cache made with other settings (checks manifest, shard manifests, parts)."""
     cache_dir = Path(cache_dir)
@@ -130,7 +141,8 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     for name, fp, old in found:
         if fp != fingerprint:
             diff = ", ".join(settings_diff(old, settings)) or "unknown"
-            raise UserError(f"{cache_dir}/{name} was made with different settings ({diff} differ); "
+            raise UserError(f"{cache_dir}/{name} was made with different settings ({diff} differ"
+                            f"{_inner_diff(old, settings)}); "
                             "use a new --out directory or delete this one")
 
 

@@ -31,6 +31,12 @@ def add_commands(sub):
     p.add_argument("--prompt-col", default="prompt", help="input column holding the prompt")
     p.add_argument("--chosen-col", default="chosen", help="input column holding the chosen completion")
     p.add_argument("--rejected-col", default="rejected", help="input column holding the rejected completion")
+    p.add_argument("--prompt-split", default="auto", metavar="auto|prefix|MARKER",
+                   help="where an implicit prompt (no prompt column: chosen/rejected are whole texts) ends. auto "
+                        "(default): after the last transcript marker both share, such as HH-RLHF's "
+                        "'\\n\\nAssistant:', else at their longest common prefix cut back to a word boundary; "
+                        "prefix: always the latter (TRL's rule); or a marker string, e.g. '\\n\\nAssistant:' "
+                        "(typed \\n is a newline). Message lists always split at the last assistant turn")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vllm: fraction of GPU memory (on CPU: of RAM) for the engine (default 0.9 GPU, 0.1 CPU)")
@@ -68,7 +74,7 @@ def run_precompute(args) -> int:
     summary = precompute(args.data, args.model, args.out, backend=args.backend, dtype=args.dtype,
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                          truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
-                         limit=args.limit, part_size=args.part_size, columns=columns,
+                         limit=args.limit, part_size=args.part_size, columns=columns, prompt_split=args.prompt_split,
                          progress=not args.no_progress, tensor_parallel_size=args.tensor_parallel_size,
                          gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                          compile=args.compile)

@@ -8,8 +8,11 @@ Row formats (detected per row, after column mapping):
   explicit        prompt, chosen, rejected are strings
   conversational  prompt is a list of messages; chosen/rejected are lists of assistant messages (TRL format)
                   or plain strings (taken as one assistant message)
-  implicit        no prompt: chosen/rejected are whole texts (split at their longest common prefix) or whole
-                  conversations (split at the last assistant turn), as in HH-RLHF / UltraFeedback-binarized
+  implicit        no prompt: chosen/rejected are whole texts or whole conversations, as in HH-RLHF /
+                  UltraFeedback-binarized. The prompt ends at the last assistant turn they share, never inside a
+                  reply: conversations at their last assistant message; texts at the last transcript marker
+                  (HH-RLHF's "Assistant:", see TRANSCRIPT_MARKERS) or, for other texts, at their longest
+                  common prefix backed off to a word boundary (--prompt-split picks the rule)
 """
 
 import codecs
@@ -48,6 +51,7 @@ class Pair:
     prompt: str | list
     chosen: str | list
     rejected: str | list
+    split: str | None = None  # implicit rows: how the prompt was found, one of SPLIT_RULES
 
 
 # ---------------------------------------------------------------- sources
@@ -300,6 +304,15 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, 
 
 # ---------------------------------------------------------------- normalization
 
+# Plain-text transcripts `--prompt-split auto` recognises, as (user marker, assistant marker).
+TRANSCRIPT_MARKERS = (
+    ("\nHuman:", "\nAssistant:"),  # Anthropic HH-RLHF: "\n\nHuman: ...\n\nAssistant: ..."
+    ("\nUser:", "\nAssistant:"),
+    ("### Human:", "### Assistant:"),  # OpenAssistant Guanaco
+    ("USER:", "ASSISTANT:"),  # Vicuna
+)
+SPLIT_RULES = ("marker", "prefix", "last assistant turn")  # how an implicit prompt was found (Pair.split)
+
 
 class Reject(Exception):
     """A row that cannot be used; the message is the readable reason."""
@@ -311,8 +324,19 @@ def pair_id(prompt, chosen, rejected) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def normalize(row: RawRow, columns: dict) -> Pair:
-    """RawRow -> Pair, or raise Reject(reason)."""
+def check_prompt_split(value: str) -> str:
+    """--prompt-split: 'auto', 'prefix', or a marker string (typed escapes \\n and \\t read as newline, tab)."""
+    if value in ("auto", "prefix"):
+        return value
+    marker = value.replace("\\n", "\n").replace("\\t", "\t")
+    if not marker.strip():
+        raise UserError(f"--prompt-split {value!r}: use auto, prefix, or a marker string such as '\\n\\nAssistant:'")
+    return marker
+
+
+def normalize(row: RawRow, columns: dict, prompt_split: str = "auto") -> Pair:
+    """RawRow -> Pair, or raise Reject(reason). `prompt_split` is how implicit text prompts are found:
+    'auto' (transcript markers such as HH-RLHF's, else the common prefix), 'prefix', or a marker string."""
     if row.error:
         raise Reject(row.error)
     rec = row.record
@@ -323,21 +347,27 @@ def normalize(row: RawRow, columns: dict) -> Pair:
     prompt, chosen, rejected = rec.get(pc), rec[cc], rec[rc]
     for col, v in ((cc, chosen), (rc, rejected)):
         _check_value(col, v, allow_empty=False)
-    if prompt is not None:
+    if pc in rec:  # a null prompt is an error, not an implicit prompt
+        if prompt is None:
+            raise Reject(f"field {pc!r} is null (leave the field out where the prompt is inside {cc!r} and {rc!r})")
         _check_value(pc, prompt, allow_empty=False)
     pid = pair_id(prompt, chosen, rejected)
 
-    if prompt is None or (isinstance(prompt, str) and isinstance(chosen, list) and _is_whole_conversation(chosen)):
-        kind, (p, c, r) = _split_implicit(chosen, rejected, cc, rc)
+    split = None
+    if pc not in rec or (isinstance(prompt, str) and isinstance(chosen, list) and _is_whole_conversation(chosen)):
+        kind, split, (p, c, r) = _split_implicit(chosen, rejected, cc, rc, prompt_split)
     elif isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
         kind, p, c, r = "explicit", prompt, chosen, rejected
     else:
         kind = "conversational"
         p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         c, r = (_as_assistant(v) for v in (chosen, rejected))
+    if isinstance(p, list):
+        _check_roles(p, c, cc)
+        _check_roles(p, r, rc)
     if c == r:
         raise Reject("chosen and rejected are identical")
-    return Pair(row.index, row.file, pid, kind, p, c, r)
+    return Pair(row.index, row.file, pid, kind, p, c, r, split)
 
 
 def _check_value(col, v, allow_empty):
@@ -361,6 +391,17 @@ def _check_value(col, v, allow_empty):
     raise Reject(f"field {col!r} is {type(v).__name__}, expected a string or a list of messages")
 
 
+def _check_roles(prompt: list, reply: list, col):
+    """The reply answers the prompt: it starts and ends with an assistant turn, after a prompt that does not."""
+    if reply[0]["role"] != "assistant":
+        raise Reject(f"{col!r} starts with a {reply[0]['role']!r} turn; the completion must be the assistant's reply")
+    if reply[-1]["role"] != "assistant":
+        raise Reject(f"the {col!r} conversation ends on a {reply[-1]['role']!r} turn; it must end with the "
+                     "assistant's reply")
+    if prompt[-1]["role"] == "assistant":
+        raise Reject(f"the prompt ends on an assistant turn, so {col!r} would be a second assistant turn in a row")
+
+
 def _is_whole_conversation(msgs) -> bool:
     return any(m["role"] != "assistant" for m in msgs)
 
@@ -373,21 +414,10 @@ def _clean(m):
     return {"role": m["role"], "content": m["content"]}
 
 
-def _split_implicit(chosen, rejected, cc, rc):
+def _split_implicit(chosen, rejected, cc, rc, prompt_split):
+    """(kind, split rule, (prompt, chosen, rejected)) of a row whose prompt is inside chosen and rejected."""
     if isinstance(chosen, str) and isinstance(rejected, str):
-        n = 0
-        for a, b in zip(chosen, rejected):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(chosen) - 1, len(rejected) - 1)  # leave each completion at least one character
-        if n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace():  # mid-word: back off to a space
-            cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
-            n = cut if cut > 0 else n
-        if n <= 0 or not chosen[:n].strip():
-            raise Reject("no prompt field and chosen/rejected share no common prefix to use as the prompt "
-                         "(map the prompt column with --prompt-col)")
-        return "implicit-text", (chosen[:n], chosen[n:], rejected[n:])
+        return ("implicit-text", *_split_text(chosen, rejected, cc, rc, prompt_split))
     if isinstance(chosen, list) and isinstance(rejected, list):
         chosen, rejected = [_clean(m) for m in chosen], [_clean(m) for m in rejected]
         last = [max((i for i, m in enumerate(x) if m["role"] == "assistant"), default=-1) for x in (chosen, rejected)]
@@ -395,5 +425,63 @@ def _split_implicit(chosen, rejected, cc, rc):
             raise Reject(f"conversation in {cc if last[0] <= 0 else rc!r} has no assistant turn after the prompt")
         if chosen[: last[0]] != rejected[: last[1]]:
             raise Reject("chosen and rejected conversations differ before their last assistant turn")
-        return "implicit-conversation", (chosen[: last[0]], chosen[last[0]:], rejected[last[1]:])
+        return "implicit-conversation", "last assistant turn", (chosen[: last[0]], chosen[last[0]:],
+                                                                rejected[last[1]:])
     raise Reject(f"fields {cc!r} and {rc!r} must both be strings or both be message lists")
+
+
+def _split_text(chosen, rejected, cc, rc, prompt_split):
+    """(split rule, (prompt, chosen, rejected)) of two whole texts."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if prompt_split == "prefix":
+        return "prefix", _split_prefix(chosen, rejected, n, both_words=False)
+    if prompt_split == "auto":
+        style = next((s for s in TRANSCRIPT_MARKERS if _has_turns(chosen, *s) or _has_turns(rejected, *s)), None)
+        if style is None:
+            return "prefix", _split_prefix(chosen, rejected, n, both_words=True)
+        user, marker = style
+    else:
+        user, marker = None, prompt_split
+    return "marker", _split_at_marker(chosen, rejected, n, marker, user, cc, rc)
+
+
+def _has_turns(text, user, assistant) -> bool:
+    """Whether `text` reads as a transcript in this layout: a user turn, then an assistant marker."""
+    first = text.find(assistant)
+    return first > 0 and (user in text[:first] or text.lstrip().startswith(user.strip()))
+
+
+def _split_at_marker(chosen, rejected, n, marker, user, cc, rc):
+    """The prompt ends with the last `marker` inside the n characters chosen and rejected share."""
+    at = chosen.rfind(marker, 0, n)
+    if at < 0:
+        how = "--prompt-split marker" if user is None else "transcript marker"
+        raise Reject(f"chosen and rejected differ before their first {marker!r} ({how}), so they share no prompt")
+    end = at + len(marker)
+    for col, reply in ((cc, chosen[end:]), (rc, rejected[end:])):
+        if not reply.strip():
+            raise Reject(f"{col!r} has an empty reply after its last {marker!r}")
+        if marker in reply:
+            raise Reject(f"chosen and rejected differ before their last {marker!r} turn ({col!r} goes on past it)")
+        if user is not None and user in reply:
+            raise Reject(f"the {col!r} transcript ends on a {user.strip()!r} turn; it must end with the "
+                         "assistant's reply")
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _split_prefix(chosen, rejected, n, both_words):
+    """The longest common prefix (TRL's rule), backed off to a word boundary of chosen (`prefix`, the rule
+    before `auto`) or of both texts (`auto`: "A handy" / "At 5%" is cut before "A", not after it)."""
+    n = min(n, len(chosen) - 1, len(rejected) - 1)  # leave each completion at least one character
+    at_space = chosen[n].isspace() and (rejected[n].isspace() or not both_words)
+    if n > 0 and not chosen[n - 1].isspace() and not at_space:  # mid-word: back off to a space
+        cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
+        n = cut if cut > 0 else n
+    if n <= 0 or not chosen[:n].strip():
+        raise Reject("no prompt field and chosen/rejected share no common prefix to use as the prompt "
+                     "(map the prompt column with --prompt-col)")
+    return chosen[:n], chosen[n:], rejected[n:]

@@ -9,12 +9,13 @@ single-process run) merges: validates every part and writes manifest.json and re
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import refcache
 from pipeline import cache
 from pipeline.backends import make_scorer, resolve_backend, torch_dtype
-from pipeline.data import Reject, Source, normalize
+from pipeline.data import SPLIT_RULES, Reject, Source, check_prompt_split, normalize
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.tokenize import PairTokenizer, sequences
@@ -50,16 +51,18 @@ def load_tokenizer(model_dir):
 
 def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length=512,
                truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-               columns=None, progress=True, scorer=None, **backend_settings) -> dict:
+               columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
-    `columns` maps our names to the input's: {"prompt": "question", ...}. `scorer` lets a caller reuse an
-    already-built backend (one vLLM engine per process). Extra keyword arguments go to the backend
-    (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
+    `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
+    prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
+    a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
+    backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
     min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence."""
     t0 = time.time()
     shard_i, shard_n = parse_shard(shard)
     torch_dtype(dtype)
+    prompt_split = check_prompt_split(prompt_split)
     model_dir = resolve_model_dir(model)
     name = scorer.name if scorer is not None else resolve_backend(backend, dtype)
     max_length = _check_context(model_dir, max_length, name)
@@ -78,7 +81,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     if scorer is not None and (scorer.dtype != dtype or Path(scorer.model_dir).resolve() != model_dir.resolve()):
         raise UserError(f"the given scorer runs {scorer.model_dir} in {scorer.dtype}, not {model_dir} in {dtype}")
     tokenizer = load_tokenizer(model_dir)
-    tok_settings = tokenization_settings(tokenizer, max_length, max_prompt_length, truncation_mode)
+    tok_settings = tokenization_settings(tokenizer, max_length, max_prompt_length, truncation_mode, prompt_split)
     pair_tok = PairTokenizer(tokenizer, max_length, max_prompt_length, truncation_mode)
 
     # Everything that changes the cache's content. A partial cache made with other settings is refused.
@@ -97,7 +100,8 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                 "dataset": {**src.describe(), "sha256": data_sha, "columns": src.columns, "limit": limit,
                             "part_size": part_size}}
     stats = {"rows_read": 0, "rows_kept": 0, "rows_rejected": 0, "tokens": 0, "completion_tokens": 0,
-             "parts_written": 0, "parts_skipped": 0, "load_seconds": 0.0, "post_seconds": 0.0, "write_seconds": 0.0}
+             "parts_written": 0, "parts_skipped": 0, "load_seconds": 0.0, "post_seconds": 0.0, "write_seconds": 0.0,
+             "formats": dict.fromkeys(FORMATS, 0), "split_rules": dict.fromkeys(SPLIT_RULES, 0)}
     bar = _progress(src, limit, shard_n, progress)
     own_scorer = scorer is None
     score_seconds = 0.0
@@ -107,7 +111,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         pairs, rejected = [], []
         for row in rows:
             try:
-                pairs.append(normalize(row, src.columns))
+                pairs.append(normalize(row, src.columns, prompt_split))
             except Reject as e:
                 rejected.append((row.index, row.file, str(e)))
         kept, rej = pair_tok(pairs)
@@ -154,13 +158,16 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                          "rows_kept": len(kept), "rejected": rejected,
                          "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
                          "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
-                         "rejected_tokens": sum(len(t.rejected_ids) for t in kept)}}
+                         "rejected_tokens": sum(len(t.rejected_ids) for t in kept),
+                         "formats": dict(Counter(t.pair.kind for t in kept)),
+                         "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
         tw = time.time()
         cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp), meta)
         stats["write_seconds"] += time.time() - tw
         stats["rows_kept"] += len(kept)
         stats["rows_rejected"] += len(rejected)
         stats["parts_written"] += 1
+        _add_counts(stats, meta["part"])
 
     def finish_chunk(k, rows):
         if k % shard_n != shard_i:
@@ -171,6 +178,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
             stats["rows_kept"] += p["rows_kept"]
             stats["rows_rejected"] += len(p["rejected"])
             stats["parts_skipped"] += 1
+            _add_counts(stats, p)
             if bar is not None:
                 bar.update(len(rows))
             return
@@ -228,6 +236,16 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     return summary
 
 
+FORMATS = ("explicit", "conversational", "implicit-text", "implicit-conversation")  # Pair.kind
+
+
+def _add_counts(stats, part):
+    """Add a part's kept rows per format and per implicit-prompt rule to the run's totals."""
+    for key in ("formats", "split_rules"):
+        for k, n in part.get(key, {}).items():
+            stats[key][k] = stats[key].get(k, 0) + n
+
+
 def _check_context(model_dir, max_length, backend):
     """Resolve max_length against the model's context (vLLM needs one spare position for its output token)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -260,7 +278,9 @@ def format_summary(s: dict) -> str:
              + (f" (shard {s['shard']})" if s["shard"] != "0/1" else ""),
              (f"scored {s['tokens']:,} tokens ({s['completion_tokens']:,} completion) with {s['backend']} "
               f"{s['dtype']} in {s['score_seconds']:.1f} s = {s['tokens_per_s']:,.0f} tokens/s; "
-              f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}")]
+              f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}"),
+             "kept rows by format: " + ", ".join(f"{k} {n:,}" for k, n in s["formats"].items())
+             + "; implicit prompts split at: " + ", ".join(f"{k} {n:,}" for k, n in s["split_rules"].items())]
     if s.get("complete"):
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
         if s["rows_rejected"]:

@@ -3,17 +3,21 @@
 Boundary rule: prompt+completion is tokenized as one text (the tokens the model sees), and the prompt ids are
 the longest run of leading tokens that (a) both the chosen and the rejected tokenization share and (b) equal
 the prompt's own tokenization. Everything after that run is completion. So `prompt_ids + chosen_ids` is always
-exactly `tokenize(prompt_text + chosen_text)` (+ EOS); a token that BPE merges across the boundary (e.g.
-"Answer: " + "4" -> "Answer:", " 4") goes to the completion, never split.
+exactly `tokenize(prompt_text + chosen_text)` (+ EOS for plain text); a token that BPE merges across the
+boundary (e.g. "Answer: " + "4" -> "Answer:", " 4") goes to the completion, never split.
 
 Conversations are rendered with the tokenizer's chat template: the prompt with `add_generation_prompt=True`,
-the whole conversation without; the prompt rendering must be a prefix of the conversation's. Rendered text
-already holds its special tokens, so it is tokenized with add_special_tokens=False; plain text uses the
-tokenizer's default special tokens (e.g. BOS).
+the whole conversation without. The prompt rendering must be a prefix of both conversations' renderings (a row
+where it is not is rejected with the place they part, never split elsewhere), and the completion is exactly the
+template's text after it: the assistant turn with the template's own end-of-turn token and trailing text
+(ChatML's `<|im_end|>` and newline), nothing appended. So `prompt_ids + chosen_ids == tokenize(render(prompt + chosen))`.
+Rendered text already holds its special tokens, so it is tokenized with add_special_tokens=False (as
+apply_chat_template(tokenize=True) does); plain text uses the tokenizer's default special tokens (e.g. BOS).
 
 Truncation (TRL's convention): when prompt + longer completion > max_length, the prompt is cut to
 max_prompt_length (keep_end: its last tokens; keep_start: its first), then completions are cut from the right
-to fit. EOS is appended to completions that do not already end with it (and may be cut by truncation).
+to fit. EOS is appended to plain-text completions that do not already end with it, never to chat-template
+completions; truncation may cut either end of turn (the pair is then marked truncated).
 """
 
 from dataclasses import dataclass
@@ -41,14 +45,17 @@ class Tokenized:
         return n
 
 
-def settings(tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    """What goes into the manifest's `tokenization` block."""
+def settings(tokenizer, max_length, max_prompt_length, truncation_mode, prompt_split="auto") -> dict:
+    """What goes into the manifest's `tokenization` block (and the settings fingerprint: a change refuses resume)."""
     return {
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "truncation_mode": truncation_mode,
         "completion_truncation": "keep_start",
-        "eos": "appended to each completion unless it already ends with eos_token_id",
+        "eos": "appended to plain-text completions unless they end with eos_token_id; never to chat-template ones",
+        "chat_completion": "the template's text after the prompt rendered with add_generation_prompt=True, its "
+                           "end of turn and trailing text included; rows it does not prefix are rejected",
+        "prompt_split": prompt_split,
         "eos_token_id": tokenizer.eos_token_id,
         "boundary": "joint tokenization of prompt+completion; prompt = shared leading tokens",
         "special_tokens": "tokenizer default for plain text; none added to chat-template text",
@@ -77,11 +84,10 @@ class PairTokenizer:
             c = self.tok.apply_chat_template(pair.prompt + pair.chosen, tokenize=False)
             r = self.tok.apply_chat_template(pair.prompt + pair.rejected, tokenize=False)
         except Exception as e:  # noqa: BLE001 - a template error is this row's problem
-            raise Reject(f"chat template failed: {type(e).__name__}: {e}") from None
-        if not (c.startswith(p) and r.startswith(p)):
-            p = self.tok.apply_chat_template(pair.prompt, tokenize=False)  # templates without a generation prompt
-            if not (c.startswith(p) and r.startswith(p)):
-                raise Reject("chat template does not render the prompt as a prefix of the whole conversation")
+            raise Reject(f"chat template failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        for side, full in (("chosen", c), ("rejected", r)):
+            if not full.startswith(p):
+                raise Reject(_not_a_prefix(p, full, side))
         return p, c, r, False
 
     def __call__(self, pairs: list[Pair]):
@@ -115,9 +121,14 @@ class PairTokenizer:
         if n == 0:
             raise Reject("the prompt's first token merges with the completion: no prompt token to condition on")
         prompt, chosen, rejected = c[:n], c[n:], r[n:]
-        eos = self.tok.eos_token_id
-        chosen = chosen if chosen and chosen[-1] == eos else chosen + [eos]
-        rejected = rejected if rejected and rejected[-1] == eos else rejected + [eos]
+        if isinstance(pair.prompt, str):  # plain text ends with EOS; a chat template ends its turn itself
+            eos = self.tok.eos_token_id
+            chosen = chosen if chosen and chosen[-1] == eos else chosen + [eos]
+            rejected = rejected if rejected and rejected[-1] == eos else rejected + [eos]
+        if not (chosen and rejected):
+            raise Reject(f"the {'chosen' if not chosen else 'rejected'} completion renders to no tokens")
+        if chosen == rejected:
+            raise Reject("chosen and rejected render to the same tokens")
         if len(prompt) > self.max_length:
             raise Reject(f"prompt has {len(prompt)} tokens, longer than max_length {self.max_length} "
                          "(raise --max-length or shorten the prompt)")
@@ -136,6 +147,15 @@ class PairTokenizer:
             if chosen == rejected:
                 raise Reject(f"chosen and rejected are identical after truncation to max_length {self.max_length}")
         return Tokenized(pair, prompt, chosen, rejected, truncated)
+
+
+def _not_a_prefix(prompt: str, full: str, side: str) -> str:
+    """Why a conversation cannot be split: where its rendering parts from the prompt's rendering."""
+    i = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    lo = max(0, i - 24)
+    return (f"chat template renders the prompt (add_generation_prompt=True) as ...{prompt[lo:i + 16]!r} but the "
+            f"{side} conversation as ...{full[lo:i + 16]!r}: the prompt is not a prefix, so the completion cannot "
+            "be split off exactly")
 
 
 def sequences(batch: list[Tokenized]):

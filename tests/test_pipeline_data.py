@@ -2,18 +2,21 @@
 
 import csv
 import json
+import os
 import tracemalloc
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data import Reject, Source, normalize, pair_id
+from pipeline.data import RawRow, Reject, Source, check_prompt_split, normalize, pair_id
 from pipeline.tokenize import PairTokenizer
 from refcache import UserError
 from refcache.cli import main as cli_main
 
+ROOT = Path(__file__).resolve().parents[1]
 COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 ROWS = [
     {"prompt": "Question: What is 2 + 3?\nAnswer:", "chosen": " 5", "rejected": " 6"},
@@ -253,6 +256,7 @@ def test_whole_file_problems_are_one_line_errors(tmp_path, capsys, tiny_model_di
         ([str(ok), "--model", m, "--max-length", "64", "--max-prompt-length", "64"], "must be smaller"),
         ([str(ok), "--model", m, "--max-length", "5000"], "does not fit the model's context"),
         ([str(ok), "--model", m, "--shard", "2/2"], "0 <= I < N"),
+        ([str(ok), "--model", m, "--prompt-split", " "], "--prompt-split ' ': use auto, prefix, or a marker"),
     ]
     for argv, want in cases:
         err = _cli_error(capsys, ["precompute", *argv, "--out", out, "--backend", "hf", "--no-progress"])
@@ -263,3 +267,115 @@ def test_whole_file_problems_are_one_line_errors(tmp_path, capsys, tiny_model_di
         (tmp_path / "dd").mkdir()
         (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
         list(Source(tmp_path / "dd").rows())
+
+
+# ---------------------------------------------------------------- implicit prompts and conversation checks
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "prefs" / "real"
+
+
+def _normalized(path, prompt_split="auto"):
+    src = Source(path)
+    return [(row.record, normalize(row, src.columns, prompt_split)) for row in src.rows()]
+
+
+def test_hh_prompts_end_at_the_last_shared_assistant_marker():
+    rows = _normalized(REAL / "hh_rlhf.jsonl")
+    assert len(rows) == 34 and {p.split for _, p in rows} == {"marker"}
+    for rec, p in rows:
+        assert p.kind == "implicit-text" and p.prompt.endswith("\n\nAssistant:")
+        assert p.prompt + p.chosen == rec["chosen"] and p.prompt + p.rejected == rec["rejected"]
+        assert "\n\nAssistant:" not in p.chosen + p.rejected  # the completion is the one last reply
+    assert sum(p.prompt.count("\n\nHuman:") > 1 for _, p in rows) == 10  # multi-turn rows
+    # the rows whose replies open with the same words: the old rule split them inside the reply
+    shared = [p for _, p in rows if p.chosen.split()[0] == p.rejected.split()[0]]
+    assert len(shared) == 20
+
+
+def test_prefix_mode_is_the_old_rule():
+    """--prompt-split prefix: longest common prefix, cut back to a word boundary (what auto did before)."""
+    inside = 0
+    for rec, p in _normalized(REAL / "hh_rlhf.jsonl", "prefix"):
+        assert p.split == "prefix"
+        common = os.path.commonprefix([rec["chosen"], rec["rejected"]])
+        rest = common[len(p.prompt):]
+        assert common.startswith(p.prompt) and (rest == "" or (rest[0].isspace() and " " not in rest[1:]))
+        inside += not p.prompt.rstrip().endswith("\n\nAssistant:")
+    # split inside a reply: the 20 rows whose replies share opening words ("...Assistant: Sure!" | " Bring a
+    # pot..."), and one cut after the "A" that "A handy ..." and "At 5% ..." share (a word end in chosen only)
+    assert inside == 21
+    sample = _normalized(ROOT / "data" / "prefs" / "implicit_sample.jsonl", "prefix")
+    assert sample == _normalized(ROOT / "data" / "prefs" / "implicit_sample.jsonl")  # no markers: auto = prefix
+    assert sorted(p.split for _, p in sample) == ["last assistant turn"] * 10 + ["prefix"] * 10
+    # auto's fallback backs off to a word end of both texts; prefix, as before, of chosen only
+    row = RawRow(0, "f", {"chosen": "Q: rate?\nA handy rule.", "rejected": "Q: rate?\nAt 5%."})
+    assert normalize(row, COLS).prompt == "Q: rate?" and normalize(row, COLS, "prefix").prompt == "Q: rate?\nA"
+
+
+def test_split_rules_counted_per_format():
+    counts = {}
+    for name in ("hh_rlhf.jsonl", "ultrafeedback.jsonl", "conversational.jsonl"):
+        for _, p in _normalized(REAL / name):
+            counts[name, p.kind, p.split] = counts.get((name, p.kind, p.split), 0) + 1
+    assert counts == {("hh_rlhf.jsonl", "implicit-text", "marker"): 34,
+                      ("ultrafeedback.jsonl", "implicit-conversation", "last assistant turn"): 24,
+                      ("conversational.jsonl", "conversational", None): 34}
+
+
+def test_marker_layouts_and_marker_strings(tmp_path):
+    def norm(rec, prompt_split="auto"):
+        return normalize(RawRow(0, "f", rec), COLS, prompt_split)
+
+    guanaco = {"chosen": "### Human: Name a fruit. ### Assistant: Sure! An apple.",
+               "rejected": "### Human: Name a fruit. ### Assistant: Sure! A carrot."}
+    p = norm(guanaco)
+    assert (p.prompt, p.chosen, p.split) == ("### Human: Name a fruit. ### Assistant:", " Sure! An apple.", "marker")
+    vicuna = {"chosen": "A chat. USER: Hi ASSISTANT: Hello! How can I help?",
+              "rejected": "A chat. USER: Hi ASSISTANT: Hello! Go away."}
+    assert norm(vicuna).prompt == "A chat. USER: Hi ASSISTANT:"
+    custom = {"chosen": "<q>Name a fruit.<a>Sure! An apple.", "rejected": "<q>Name a fruit.<a>Sure! A carrot."}
+    assert norm(custom).prompt == "<q>Name a fruit.<a>Sure!"  # no known layout: prefix rule
+    assert norm(custom, check_prompt_split("<a>")).prompt == "<q>Name a fruit.<a>"
+    assert check_prompt_split("\\n\\nAssistant:") == "\n\nAssistant:"  # typed escapes, as from a shell
+    with pytest.raises(Reject, match="marker"):
+        norm(custom, "\n\nAssistant:")
+    with pytest.raises(UserError, match="--prompt-split"):
+        check_prompt_split("")
+
+
+ROLE_ROWS = [  # rows that were accepted (or got a wrong reason) before the role-order checks
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "Hello"}],
+      "rejected": [{"role": "assistant", "content": "Go"}]}, "'chosen' starts with a 'user' turn"),
+    ({"prompt": [{"role": "user", "content": "Hi"}],
+      "chosen": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Thanks"}],
+      "rejected": [{"role": "assistant", "content": "Go"}]}, "'chosen' conversation ends on a 'user' turn"),
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                 {"role": "user", "content": "Thanks"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"},
+                   {"role": "user", "content": "Thanks"}]}, "'chosen' conversation ends on a 'user' turn"),
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+      "chosen": "How are you?", "rejected": "Bye."}, "second assistant turn in a row"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there\n\nHuman: Thanks",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Go away\n\nHuman: Thanks"}, "ends on a 'Human:' turn"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Joke?\n\nAssistant: No.",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Joke?\n\nAssistant: Sure."},
+     "differ before their last '\\nAssistant:' turn"),
+    ({"prompt": None, "chosen": "Hello there", "rejected": "Go away"}, "field 'prompt' is null"),
+]
+
+
+@pytest.mark.parametrize("rec,want", ROLE_ROWS, ids=["chosen-user", "reply-ends-user", "implicit-ends-user",
+                                                     "prompt-ends-assistant", "hh-ends-human", "hh-differs-early",
+                                                     "prompt-null"])
+def test_malformed_conversations_rejected_with_a_reason(rec, want):
+    with pytest.raises(Reject) as e:
+        normalize(RawRow(0, "f", rec), COLS)
+    assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_real_samples_rebuild_identically(tmp_path):
+    import runpy
+
+    runpy.run_path(str(ROOT / "data" / "build_real_prefs.py"), run_name="build")["main"](["--out", str(tmp_path)])
+    for name in ("hh_rlhf.jsonl", "ultrafeedback.jsonl", "conversational.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REAL / name).read_bytes(), name
