@@ -138,9 +138,11 @@ def write_part(cache_dir: Path, k: int, table: pa.Table, meta: dict, log: str):
 
 
 def _append_line(path: Path, record: dict):
+    """Append one JSON line, durably; after a line cut off by a kill, on a line of its own."""
     try:
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with open(path, "a+b") as fh:
+            cut = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
+            fh.write((b"\n" if cut else b"") + json.dumps(record).encode() + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
@@ -148,7 +150,8 @@ def _append_line(path: Path, record: dict):
 
 
 def recorded_sums(cache_dir: Path) -> dict[str, set]:
-    """{part file: the sha256s refcache wrote it with}: the writers' logs, and the manifest's part list."""
+    """{part file: the sha256s refcache wrote it with}: from the writers' logs; for a part no log mentions (a
+    cache built before the logs, or copied without them), the manifest's sha256."""
     cache_dir = Path(cache_dir)
     out = defaultdict(set)
     for log in sorted(cache_dir.glob("_written-*.jsonl")):
@@ -163,8 +166,8 @@ def recorded_sums(cache_dir: Path) -> dict[str, set]:
             except (ValueError, KeyError, TypeError):  # a line cut off by a kill
                 continue
     for s in (_read_json(cache_dir / "manifest.json") or {}).get("shards", []):
-        if isinstance(s, dict) and s.get("sha256"):
-            out[s.get("file")].add(s["sha256"])
+        if isinstance(s, dict) and s.get("sha256") and s.get("file") not in out:
+            out[s.get("file")] = {s["sha256"]}
     return out
 
 

@@ -41,11 +41,11 @@ def parse_shard(shard):
         try:
             i, n = (int(x) for x in shard.split("/"))
         except ValueError:
-            raise UserError(f"--shard {shard}: expected I/N, e.g. 0/4") from None
+            raise UserError(f"--shard {shard}: must be I/N with whole numbers 0 <= I < N, e.g. 0/4") from None
     else:
         i, n = shard
     if not (isinstance(i, numbers.Integral) and isinstance(n, numbers.Integral) and n >= 1 and 0 <= i < n):
-        raise UserError(f"--shard {i}/{n}: need whole numbers 0 <= I < N")
+        raise UserError(f"--shard {i}/{n}: must be I/N with whole numbers 0 <= I < N, e.g. 0/4")
     return i, n
 
 
@@ -71,7 +71,7 @@ def check_arguments(args: dict):
         if v is None and none_ok:
             continue
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo < v <= hi:  # NaN fails too
-            raise UserError(f"{flag} {v}: must be a number in ({lo:g}, {hi:g}]")
+            raise UserError(f"{flag} {f'{v:g}' if isinstance(v, float) else v}: must be a number in ({lo:g}, {hi:g}]")
     parse_shard(args.get("shard"))
 
 
