@@ -165,7 +165,7 @@ def recorded_sums(cache_dir: Path) -> dict[str, set]:
                 out[r["file"]].add(r["sha256"])
             except (ValueError, KeyError, TypeError):  # a line cut off by a kill
                 continue
-    for s in (_read_json(cache_dir / "manifest.json") or {}).get("shards", []):
+    for s in (read_json(cache_dir / "manifest.json") or {}).get("shards", []):
         if isinstance(s, dict) and s.get("sha256") and s.get("file") not in out:
             out[s.get("file")] = {s["sha256"]}
     return out
@@ -193,7 +193,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     cache_dir = Path(cache_dir)
     found = []
     for f in [cache_dir / "manifest.json", *sorted(cache_dir.glob("_shard-*.json"))]:
-        m = _read_json(f)
+        m = read_json(f)
         if m is not None:
             found.append((f.name, m.get("fingerprint"), m.get("settings", {})))
     for f in sorted(cache_dir.glob("part-*.parquet"))[:1]:
@@ -207,7 +207,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
                             "use a new --out directory or delete this one")
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     """A JSON object from `path`, or None when missing or unreadable (it will be rewritten)."""
     try:
         m = json.loads(path.read_text())
@@ -248,24 +248,22 @@ def merge(cache_dir) -> dict:
 def merge_unless_merging(cache_dir) -> dict | None:
     """merge(), or None when another process holds the merge lock (that one writes the manifest)."""
     lock = DirLock(cache_dir, "merge", name="merge")
-    for _ in range(2):
-        try:
-            lock.acquire()
-        except UserError:
-            if lock.path.exists():
-                return None
-            continue  # released between the two looks: try again
-        try:
-            return _merge(Path(cache_dir))
-        finally:
-            lock.release()
-    return merge(cache_dir)
+    try:
+        lock.acquire()
+    except UserError:
+        if lock.path.exists():
+            return None
+        raise
+    try:
+        return _merge(Path(cache_dir))
+    finally:
+        lock.release()
 
 
 def _merge(cache_dir: Path) -> dict:
     shards = []
     for f in sorted(cache_dir.glob("_shard-*.json")):
-        m = _read_json(f)
+        m = read_json(f)
         if m is None:
             raise UserError(f"{f}: unreadable shard manifest; re-run that shard")
         shards.append(m)
@@ -336,7 +334,7 @@ def _merge(cache_dir: Path) -> dict:
                    "prompt": sum(m["part"]["prompt_tokens"] for m in metas)},
         "settings": first["settings"],
     }
-    old = _read_json(cache_dir / "manifest.json")
+    old = read_json(cache_dir / "manifest.json")
     # re-running a finished cache: keep its manifest (and its sha256) unless something changed
     if old is None or {k: v for k, v in old.items() if k != "created"} != \
             {k: v for k, v in manifest.items() if k != "created"}:
@@ -358,7 +356,7 @@ def read_manifest(cache_dir) -> dict:
                             "shards or run `refcache merge`)")
         raise UserError(f"{cache_dir}: not a cache directory (no manifest.json); pass the --out of "
                         "`refcache precompute`")
-    m = _read_json(path)
+    m = read_json(path)
     if m is None:
         raise UserError(f"{path}: unreadable manifest; re-run precompute or `refcache merge`")
     if m.get("schema_version") != SCHEMA_VERSION:
@@ -394,7 +392,7 @@ def write_memo(cache_dir: Path, entries: dict):
 
 
 def _read_memo(cache_dir: Path) -> tuple[int, dict]:
-    m = _read_json(Path(cache_dir) / SUMS_MEMO) or {}
+    m = read_json(Path(cache_dir) / SUMS_MEMO) or {}
     parts = m.get("parts")
     return (m.get("recorded_ns") or 0, parts) if isinstance(parts, dict) else (0, {})
 

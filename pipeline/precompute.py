@@ -10,7 +10,6 @@ A row that cannot be used (any error while reading, normalizing or tokenizing it
 reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
 """
 
-import functools
 import inspect
 import json
 import math
@@ -241,7 +240,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     others = [out / cache.shard_name(j, shard_n) for j in range(shard_n)]
-    complete = all((cache._read_json(p) or {}).get("fingerprint") == fingerprint for p in others)
+    complete = all((cache.read_json(p) or {}).get("fingerprint") == fingerprint for p in others)
     manifest = cache.merge_unless_merging(out) if complete else None  # None: another shard is merging
     if manifest:
         for tmp in out.glob(".*.tmp"):
@@ -265,7 +264,6 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     return summary
 
 
-@functools.wraps(_precompute)
 def precompute(*args, **kwargs) -> dict:
     bound = inspect.signature(_precompute).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -275,6 +273,9 @@ def precompute(*args, **kwargs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "precompute", name=f"shard-{shard_i}-of-{shard_n}"):
         return _precompute(*args, **kwargs)
+
+
+precompute.__doc__, precompute.__signature__ = _precompute.__doc__, inspect.signature(_precompute)
 
 
 def normalize_row(row, columns):

@@ -42,6 +42,12 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"refcache {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # libraries that report a full disk in their own exception type (safetensors, polars)
+        if "No space left on device" not in str(e):
+            raise
+        print(f"refcache {args.command}: error: disk full ({str(e).strip().splitlines()[0]}); free space and "
+              "re-run to resume", file=sys.stderr)
+        return 2
 
 
 def os_error_line(e: OSError) -> str:

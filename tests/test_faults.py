@@ -125,7 +125,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, monkeypatch, data, tiny
     if not (n > 6 or (when, n) == ("after", 6)):  # manifest.json is the 6th rename
         with pytest.raises(UserError, match="no manifest.json"):
             D.load_pairs(out)
-    # a log line cut off by the kill is ignored, and a stray temp file is overwritten
+    # a log line cut off by the kill is ignored; the temp file the kill left is cleaned up
     with open(out / cache.written_log(0, 1), "a") as fh:
         fh.write('{"file": "part-000')
     summary = build(data, tiny_model_dir, out, scorer)
@@ -463,12 +463,19 @@ def test_full_disk_is_one_line_and_resumes(tmp_path, data, tiny_model_dir, refer
     assert not list(keep.glob(".*.tmp"))
 
 
-def test_os_errors_are_one_line():
+def test_os_errors_are_one_line(monkeypatch, capsys):
+    from pipeline import cli as pipeline_cli
     from refcache.cli import os_error_line
 
     assert os_error_line(OSError(28, "No space left on device", "/c/part-00001.parquet")) == \
         "disk full writing /c/part-00001.parquet; free space and re-run to resume"
     assert os_error_line(OSError(13, "Permission denied", "/c/x")) == "/c/x: Permission denied"
+    # a library that reports a full disk in its own exception type (safetensors does, from a checkpoint write)
+    for error in (OSError(28, "No space left on device"),
+                  RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        monkeypatch.setattr(pipeline_cli, "run_merge", lambda args, e=error: (_ for _ in ()).throw(e))
+        err = one_line_error(["merge", "somewhere"], capsys)
+        assert "disk full" in err and "free space and re-run to resume" in err
 
 
 # ---------------------------------------------------------------- bad input rows
@@ -494,6 +501,29 @@ def test_rows_not_builds_fail(tmp_path, tiny_model_dir, scorer):
         reasons = {r["source_index"]: r["reason"] for r in rej}
         assert "nested too deeply" in reasons[1], reasons
         assert "invalid text: '\\ud800'" in reasons[2] and "invalid text: '\\udfff'" in reasons[4], reasons
+
+
+def test_a_tokenizer_error_rejects_only_its_row(tmp_path, monkeypatch, tiny_model_dir, scorer):
+    """Any exception while tokenizing one pair (here: the tokenizer itself raises on one text) rejects that
+    pair with its reason; the other pairs of the batch are kept."""
+    from transformers import AutoTokenizer
+
+    cls = type(AutoTokenizer.from_pretrained(tiny_model_dir))
+    call = cls.__call__
+
+    def fragile(self, text, *args, **kw):
+        if any("boom" in t for t in (text if isinstance(text, list) else [text])):
+            raise RuntimeError("tokenizer panicked")
+        return call(self, text, *args, **kw)
+
+    monkeypatch.setattr(cls, "__call__", fragile)
+    rows = [GOOD, {**GOOD, "prompt": "boom?"}, {**GOOD, "chosen": " Hello!"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = build(tmp_path / "rows.jsonl", tiny_model_dir, tmp_path / "cache", scorer)
+    assert (s["rows_read"], s["rows_kept"], s["rows_rejected"]) == (3, 2, 1)
+    rej = pq.read_table(tmp_path / "cache" / "rejected_rows.parquet").to_pylist()
+    assert [(r["source_index"], r["reason"]) for r in rej] == [
+        (1, "cannot process this row (RuntimeError: tokenizer panicked)")]
 
 
 def write_formats(d: Path, rows, bom: bool):
