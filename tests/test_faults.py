@@ -324,7 +324,7 @@ def test_second_writer_with_other_settings_is_refused_first_finishes(tmp_path, d
         err = one_line_error(["precompute", data, "--model", tiny_model_dir, "--out", out, "--backend", "hf",
                               "--dtype", "bfloat16", "--part-size", PART, "--no-progress"], capsys)
         assert f"{out} is being written by another refcache precompute (pid {first.pid}" in err
-        assert "merge" in one_line_error(["merge", out], capsys)  # no shard finished yet: nothing to merge
+        assert "no finished shard" in one_line_error(["merge", out], capsys)  # nothing to merge yet
     finally:
         summary = finish(first, release)
     assert summary["complete"] and summary["dtype"] == "float32"
