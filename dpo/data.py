@@ -74,7 +74,8 @@ def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def load_pairs(cache_dir: str) -> Pairs:
     """Read a stage-1 cache (manifest + Parquet parts) into :class:`Pairs`; one-line UserError if it is not a
-    usable cache."""
+    usable cache. Reads through pipeline.cache.load_table, the one cache reader (as verify and the DuckDB views
+    do): only the parts the manifest lists, each checked for size and sha256 first."""
     from pipeline import cache as pcache
 
     manifest = pcache.read_manifest(cache_dir)

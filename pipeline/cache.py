@@ -1,20 +1,30 @@
-"""The stage-1 cache directory: part files, shard manifests, merge, and readers for stages 2 and 3.
+"""The stage-1 cache directory: part files, shard manifests, merge, and the one reader stages 2 and 3 use.
 
     CACHE/part-00000.parquet      chunk k of the input (rows k*part_size ..), zstd, written atomically;
                                   key-value metadata b"refcache": the cache identity + this part's row
                                   counts and rejected rows (so each part is a self-contained unit of work)
+    CACHE/_written-I-of-N.jsonl   shard I/N's log: {file, bytes, sha256} of each part, appended before the part
+                                  is renamed into place (a resumed run reuses a part only if its sha256 is on
+                                  record, so a part damaged after it was written is recomputed, never blessed)
     CACHE/_shard-I-of-N.json      written by each finished shard: settings fingerprint, total rows read
-    CACHE/manifest.json           written by merge once every part is present and valid
+    CACHE/manifest.json           written by merge once every part is present and valid: the part list with
+                                  each part's bytes and sha256
     CACHE/rejected_rows.parquet   source_index, source_file, reason (merged from the parts)
+    CACHE/_sums.json              memo for readers: each part's sha256 with the file's size, inode, mtime and
+                                  ctime when it was hashed (see `check_parts`)
+    CACHE/.refcache-lock-*        held while a shard (one lock per shard) or merge writes (refcache.lock)
 
-Readers: `read_manifest(cache_dir)`, `load_table(cache_dir, columns=None)`.
+Readers: `read_manifest(cache_dir)`, `check_parts(cache_dir)` (the manifest's part files, each checked before
+use), `load_table(cache_dir, columns=None)`. Training, verify and the DuckDB views all read through these.
 """
 
 import glob
 import hashlib
 import json
 import os
+import re
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +35,15 @@ import refcache
 from pipeline.fingerprint import file_sha256
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
 from refcache import UserError
+from refcache.lock import DirLock
 
 META_KEY = b"refcache"
+PART_RE = re.compile(r"part-\d{5,}\.parquet")
+SUMS_MEMO = "_sums.json"
+# A memo entry is trusted only for a file whose ctime is this much older than the entry: a change in the same
+# clock tick as the hashing (file timestamps are coarse, up to 2 s on some filesystems) could keep every stat
+# field; so a part written just before its sum was taken is hashed again on every read.
+RACY_NS = 2_000_000_000
 
 
 def part_name(k: int) -> str:
@@ -37,18 +54,37 @@ def shard_name(i: int, n: int) -> str:
     return f"_shard-{i}-of-{n}.json"
 
 
+def written_log(i: int, n: int) -> str:
+    return f"_written-{i}-of-{n}.jsonl"
+
+
 def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def atomic_write(path: Path, write):
-    """write(tmp_path), fsync, then rename over `path`: readers see the old file or the whole new one."""
+def with_filename(e: OSError, path) -> OSError:
+    """The same error, naming `path` when it names no file (pyarrow's and plain write errors do not), so the
+    command line can say which file could not be written."""
+    if e.filename:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def atomic_write(path: Path, write, before_rename=None):
+    """write(tmp_path), fsync, before_rename(tmp_path), then rename over `path`: readers see the old file or
+    the whole new one. On an OSError (a full disk) the temp file is removed and the error names `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # ours, half written: free its space
+        raise with_filename(e, path) from None
 
 
 def write_json(path: Path, obj):
@@ -91,11 +127,48 @@ def part_table(tokenized, chosen_logps, rejected_logps) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=CACHE_SCHEMA)
 
 
-def write_part(cache_dir: Path, k: int, table: pa.Table, meta: dict):
-    """Write part k atomically with the identity + part info in its key-value metadata."""
+def write_part(cache_dir: Path, k: int, table: pa.Table, meta: dict, log: str):
+    """Write part k atomically with the identity + part info in its key-value metadata; its bytes and sha256
+    go to the writer's `log` before the rename, so every part under its final name has its sum on record."""
+    cache_dir = Path(cache_dir)
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    atomic_write(Path(cache_dir) / part_name(k),
-                 lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(cache_dir / part_name(k), lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+                 before_rename=lambda tmp: _append_line(cache_dir / log, {
+                     "file": part_name(k), "bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}))
+
+
+def _append_line(path: Path, record: dict):
+    """Append one JSON line, durably; after a line cut off by a kill, on a line of its own."""
+    try:
+        with open(path, "a+b") as fh:
+            cut = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
+            fh.write((b"\n" if cut else b"") + json.dumps(record).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise with_filename(e, path) from None
+
+
+def recorded_sums(cache_dir: Path) -> dict[str, set]:
+    """{part file: the sha256s refcache wrote it with}: from the writers' logs; for a part no log mentions (a
+    cache built before the logs, or copied without them), the manifest's sha256."""
+    cache_dir = Path(cache_dir)
+    out = defaultdict(set)
+    for log in sorted(cache_dir.glob("_written-*.jsonl")):
+        try:
+            lines = log.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                r = json.loads(line)
+                out[r["file"]].add(r["sha256"])
+            except (ValueError, KeyError, TypeError):  # a line cut off by a kill
+                continue
+    for s in (read_json(cache_dir / "manifest.json") or {}).get("shards", []):
+        if isinstance(s, dict) and s.get("sha256") and s.get("file") not in out:
+            out[s.get("file")] = {s["sha256"]}
+    return out
 
 
 def part_meta(path: Path) -> dict | None:
@@ -131,7 +204,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     cache_dir = Path(cache_dir)
     found = []
     for f in [cache_dir / "manifest.json", *sorted(cache_dir.glob("_shard-*.json"))]:
-        m = _read_json(f)
+        m = read_json(f)
         if m is not None:
             found.append((f.name, m.get("fingerprint"), m.get("settings", {})))
     for f in sorted(cache_dir.glob("part-*.parquet"))[:1]:
@@ -146,7 +219,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
                             "use a new --out directory or delete this one")
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     """A JSON object from `path`, or None when missing or unreadable (it will be rewritten)."""
     try:
         m = json.loads(path.read_text())
@@ -155,25 +228,54 @@ def _read_json(path: Path):
     return m if isinstance(m, dict) else None
 
 
-def done_parts(cache_dir: Path, fingerprint: str) -> dict[int, dict]:
-    """{k: metadata} of parts that are complete and belong to this fingerprint."""
-    out = {}
-    for f in Path(cache_dir).glob("part-*.parquet"):
+def done_parts(cache_dir: Path, fingerprint: str, shard=(0, 1)) -> tuple[dict[int, dict], list[Path]]:
+    """({k: metadata} of this shard's parts that are complete, belong to this fingerprint and hash to a sum
+    on record; [parts whose bytes are not what refcache wrote]). Every reused part is hashed in full."""
+    i, n = shard
+    done, changed = {}, []
+    recorded = recorded_sums(cache_dir)
+    for f in sorted(Path(cache_dir).glob("part-*.parquet")):
         meta = part_meta(f)
-        if meta and meta.get("fingerprint") == fingerprint:
-            out[meta["part"]["index"]] = meta
-    return out
+        if not meta or meta.get("fingerprint") != fingerprint or f.name != part_name(meta["part"]["index"]):
+            continue
+        if meta["part"]["index"] % n != i:
+            continue
+        if file_sha256(f) in recorded.get(f.name, ()):
+            done[meta["part"]["index"]] = meta
+        else:
+            changed.append(f)
+    return done, changed
 
 
 # ---------------------------------------------------------------- merge
 
 
 def merge(cache_dir) -> dict:
-    """Validate every part against the shard manifests; write rejected_rows.parquet and manifest.json."""
-    cache_dir = Path(cache_dir)
+    """Validate every part against the shard manifests and the sums on record; write rejected_rows.parquet,
+    manifest.json and the readers' memo. Holds the cache's merge lock; a second merge is refused."""
+    with DirLock(cache_dir, "merge", name="merge"):
+        return _merge(Path(cache_dir))
+
+
+def merge_unless_merging(cache_dir) -> dict | None:
+    """merge(), or None when another process holds the merge lock (that one writes the manifest)."""
+    lock = DirLock(cache_dir, "merge", name="merge")
+    try:
+        lock.acquire()
+    except UserError:
+        if lock.path.exists():
+            return None
+        raise
+    try:
+        return _merge(Path(cache_dir))
+    finally:
+        lock.release()
+
+
+def _merge(cache_dir: Path) -> dict:
     shards = []
     for f in sorted(cache_dir.glob("_shard-*.json")):
-        m = _read_json(f)
+        m = read_json(f)
         if m is None:
             raise UserError(f"{f}: unreadable shard manifest; re-run that shard")
         shards.append(m)
@@ -186,20 +288,31 @@ def merge(cache_dir) -> dict:
     num_chunks, rows_read = first["num_chunks"], first["rows_read"]
     if any(s["num_chunks"] != num_chunks or s["rows_read"] != rows_read for s in shards):
         raise UserError(f"{cache_dir}: shard manifests disagree on the input's size; was the input changed?")
+    n = first["shard"]["count"]
+    extra = sorted(f.name for f in cache_dir.glob("part-*.parquet")
+                   if f.name not in {part_name(k) for k in range(num_chunks)})
+    if extra:
+        raise UserError(f"{cache_dir / extra[0]}: not a part of this cache (the input makes {num_chunks} parts); "
+                        "move it out of the directory and re-run")
 
-    metas, missing = [], []
+    recorded = recorded_sums(cache_dir)
+    metas, sums, memo, missing = [], [], {}, []
     for k in range(num_chunks):
-        m = part_meta(cache_dir / part_name(k))
-        if m is None or m["fingerprint"] != first["fingerprint"]:
+        path = cache_dir / part_name(k)
+        m = part_meta(path)
+        sha, key = _hash_part(path) if m is not None and m["fingerprint"] == first["fingerprint"] else (None, None)
+        if sha is None or sha not in recorded.get(path.name, ()):  # missing, invalid, or changed since written
             missing.append(k)
         else:
             metas.append(m)
+            sums.append(sha)
+            if key:
+                memo[path.name] = {**key, "sha256": sha}
     if missing:
-        n = shards[0]["shard"]["count"]
         which = sorted({k % n for k in missing})
-        raise UserError(f"{cache_dir}: {len(missing)} of {num_chunks} parts missing or invalid "
-                        f"(first: {part_name(missing[0])}); re-run shard(s) "
-                        f"{', '.join(f'{i}/{n}' for i in which)} to complete them")
+        raise UserError(f"{cache_dir}: {len(missing)} of {num_chunks} parts missing, invalid or changed since "
+                        f"written (first: {part_name(missing[0])}); re-run shard(s) "
+                        f"{', '.join(f'{i}/{n}' for i in which)} to (re)compute them")
 
     rejected = sorted((tuple(r) for m in metas for r in m["part"]["rejected"]), key=lambda r: r[0])
     kept = sum(m["part"]["rows_kept"] for m in metas)
@@ -225,19 +338,22 @@ def merge(cache_dir) -> dict:
         "backend": ident["backend"],
         "dataset": {**ident["dataset"], "rows_read": read, "rows_kept": kept, "rows_rejected": len(rejected)},
         "shards": [{"file": part_name(k), "rows": m["part"]["rows_kept"],
-                    "sha256": file_sha256(cache_dir / part_name(k))} for k, m in enumerate(metas)],
+                    "bytes": (cache_dir / part_name(k)).stat().st_size, "sha256": sha}
+                   for k, (m, sha) in enumerate(zip(metas, sums))],
         "rejected_rows": {"file": "rejected_rows.parquet", "rows": len(rejected)},
         "tokens": {"chosen": sum(m["part"]["chosen_tokens"] for m in metas),
                    "rejected": sum(m["part"]["rejected_tokens"] for m in metas),
                    "prompt": sum(m["part"]["prompt_tokens"] for m in metas)},
         "settings": first["settings"],
     }
-    old = cache_dir / "manifest.json"
-    if old.exists():  # re-running a finished cache: keep its manifest (and its sha256) unless something changed
-        previous = json.loads(old.read_text())
-        if {k: v for k, v in previous.items() if k != "created"} == {k: v for k, v in manifest.items() if k != "created"}:
-            return previous
-    write_json(cache_dir / "manifest.json", manifest)
+    old = read_json(cache_dir / "manifest.json")
+    # re-running a finished cache: keep its manifest (and its sha256) unless something changed
+    if old is None or {k: v for k, v in old.items() if k != "created"} != \
+            {k: v for k, v in manifest.items() if k != "created"}:
+        write_json(cache_dir / "manifest.json", manifest)
+    else:
+        manifest = old
+    write_memo(cache_dir, memo)
     return manifest
 
 
@@ -247,10 +363,12 @@ def merge(cache_dir) -> dict:
 def read_manifest(cache_dir) -> dict:
     path = Path(cache_dir) / "manifest.json"
     if not path.exists():
-        hint = " (parts exist: finish the shards or run `refcache merge`)" if glob.glob(
-            str(Path(cache_dir) / "part-*.parquet")) else ""
-        raise UserError(f"{cache_dir}: not a finished refcache cache (no manifest.json){hint}")
-    m = _read_json(path)
+        if glob.glob(str(Path(cache_dir) / "part-*.parquet")):
+            raise UserError(f"{cache_dir}: not a finished refcache cache (no manifest.json; parts exist: finish the "
+                            "shards or run `refcache merge`)")
+        raise UserError(f"{cache_dir}: not a cache directory (no manifest.json); pass the --out of "
+                        "`refcache precompute`")
+    m = read_json(path)
     if m is None:
         raise UserError(f"{path}: unreadable manifest; re-run precompute or `refcache merge`")
     if m.get("schema_version") != SCHEMA_VERSION:
@@ -259,17 +377,101 @@ def read_manifest(cache_dir) -> dict:
     return m
 
 
-def load_table(cache_dir, columns=None) -> pa.Table:
-    """All parts listed in the manifest as one table, ordered by source_index."""
+def _stat_key(st: os.stat_result) -> dict:
+    return {"bytes": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _hash_part(path: Path):
+    """(sha256, the file's stat key if it did not change while being hashed, else None); (None, None) if the
+    file is gone."""
+    try:
+        before = _stat_key(os.stat(path))
+        sha = file_sha256(path)
+        after = _stat_key(os.stat(path))
+    except FileNotFoundError:
+        return None, None
+    return sha, (before if before == after else None)
+
+
+def write_memo(cache_dir: Path, entries: dict):
+    """Record {part file: stat key + sha256} for readers (`check_parts`). Best effort: a memo that cannot be
+    written only means readers hash in full."""
+    memo = {"recorded_ns": time.time_ns(), "parts": entries}
+    try:
+        write_json(Path(cache_dir) / SUMS_MEMO, memo)
+    except OSError:
+        pass
+
+
+def _read_memo(cache_dir: Path) -> tuple[int, dict]:
+    m = read_json(Path(cache_dir) / SUMS_MEMO) or {}
+    parts = m.get("parts")
+    return (m.get("recorded_ns") or 0, parts) if isinstance(parts, dict) else (0, {})
+
+
+def check_parts(cache_dir, manifest=None, full=False) -> list[Path]:
+    """The part files the manifest lists, each checked before use; one-line UserError naming the file when a
+    part is missing, extra (a part-*.parquet the manifest does not list), truncated or changed (size or
+    sha256 differ from the manifest's).
+
+    full=False (training, queries) re-hashes only parts whose file changed since the writer (or verify) hashed
+    it: a part is taken as unchanged when its size, inode, mtime and ctime equal the memo's (_sums.json) and
+    its ctime is older than the memo by RACY_NS. That catches every change made through the filesystem: a
+    rewrite, an in-place edit, a copy, even one that restores the old mtime (the ctime moves). It cannot catch
+    what bypasses the filesystem (a bit rotting on disk, a write to the raw device): `refcache verify` and
+    every precompute/merge hash each part in full (full=True), and verify refreshes the memo."""
     cache_dir = Path(cache_dir)
-    m = read_manifest(cache_dir)
+    m = manifest or read_manifest(cache_dir)
+    listed = [s.get("file") if isinstance(s, dict) else None for s in m.get("shards", [])]
+    bad = [f for f in listed if not (isinstance(f, str) and PART_RE.fullmatch(f))]
+    if bad:
+        raise UserError(f"{cache_dir}/manifest.json: bad part name {bad[0]!r} in its part list; re-run precompute")
+    extra = sorted({f.name for f in cache_dir.glob("part-*.parquet")} - set(listed))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UserError(f"{cache_dir / extra[0]}: a part file the manifest does not list{more}; move it out of "
+                        "the cache (its pairs would be counted twice or with other settings)")
+    recorded_ns, memo = (0, {}) if full else _read_memo(cache_dir)
+    paths, entries = [], {}
+    for s in m["shards"]:
+        path = cache_dir / s["file"]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: part listed in the manifest is missing; re-run precompute (same command) to "
+                            "recompute it") from None
+        if "bytes" in s and st.st_size != s["bytes"]:
+            raise UserError(f"{path}: contents changed since the manifest was written ({st.st_size:,} bytes, the "
+                            f"manifest says {s['bytes']:,}: truncated or rewritten); re-run precompute (same "
+                            "command) to recompute it")
+        if not s.get("sha256"):
+            raise UserError(f"{cache_dir}/manifest.json lists {s['file']} without a sha256; re-run precompute")
+        key, e = _stat_key(st), memo.get(s["file"])
+        if isinstance(e, dict) and e == {**key, "sha256": s["sha256"]} and key["ctime_ns"] < recorded_ns - RACY_NS:
+            paths.append(path)
+            continue
+        sha, key = _hash_part(path)
+        if sha != s["sha256"]:
+            raise UserError(f"{path}: contents changed since the manifest was written (sha256 differs); re-run "
+                            "precompute (same command) to recompute it")
+        if key:
+            entries[s["file"]] = {**key, "sha256": sha}
+        paths.append(path)
+    if full:
+        write_memo(cache_dir, entries)
+    return paths
+
+
+def load_table(cache_dir, columns=None) -> pa.Table:
+    """All parts listed in the manifest (each checked by `check_parts`) as one table, ordered by source_index."""
+    cache_dir = Path(cache_dir)
     want = None if columns is None else list(dict.fromkeys([*columns, "source_index"]))
     tables = []
-    for s in m["shards"]:
+    for path in check_parts(cache_dir):
         try:
-            tables.append(pq.read_table(cache_dir / s["file"], columns=want))
+            tables.append(pq.read_table(path, columns=want))
         except (OSError, ValueError) as e:
-            raise UserError(f"{cache_dir / s['file']}: unreadable part ({e}); re-run precompute") from None
+            raise UserError(f"{path}: unreadable part ({e}); re-run precompute") from None
     schema = CACHE_SCHEMA if want is None else pa.schema([CACHE_SCHEMA.field(c) for c in want])
     t = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else schema.empty_table()
     t = t.sort_by("source_index")

@@ -1,8 +1,10 @@
 """Read preference data, streaming, and turn each row into a normalized pair or a readable rejection.
 
-Sources: a JSONL / JSON / Parquet / CSV file, a directory of them, or a `datasets` dataset saved with
-`save_to_disk`. Every reader yields rows one at a time (record batches or lines underneath), so memory does
-not grow with the dataset.
+Sources: a JSONL / JSON / Parquet / CSV file (JSONL, JSON and CSV also gzip- or zstd-compressed: .gz, .zst),
+a directory of them, or a `datasets` dataset saved with `save_to_disk`. Every reader yields rows one at a time
+(record batches or lines underneath, decompressed as a stream), so memory does not grow with the dataset. A
+UTF-8 byte-order mark at the start of a text file is dropped. A row that cannot be parsed (invalid UTF-8 or
+JSON, nested too deeply, ...) is yielded as an error, so it is rejected alone.
 
 Row formats (detected per row, after column mapping):
   explicit        prompt, chosen, rejected are strings
@@ -17,16 +19,21 @@ Row formats (detected per row, after column mapping):
 
 import codecs
 import csv
+import gzip
 import hashlib
+import io
 import json
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from refcache import UserError
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}  # for the text formats (Parquet compresses inside the file)
+BOM = b"\xef\xbb\xbf"
 BATCH_ROWS = 1024  # rows per record batch for columnar readers
 
 
@@ -70,15 +77,17 @@ class Source:
             self.files = sorted(p for p in self.path.rglob("*") if p.is_file())
         elif self.path.is_dir():
             self.kind = "directory"
-            self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
+            self.files = sorted(p for p in self.path.iterdir() if p.is_file() and file_format(p))
             if not self.files:
-                raise UserError(f"{self.path}: directory has no .jsonl/.json/.parquet/.csv files")
-        elif self.path.suffix in FILE_SUFFIXES:
-            self.kind = FILE_SUFFIXES[self.path.suffix]
+                raise UserError(f"{self.path}: directory has no .jsonl/.json/.parquet/.csv files "
+                                "(or .jsonl/.json/.csv .gz/.zst)")
+        elif file_format(self.path):
+            self.kind = file_format(self.path)
             self.files = [self.path]
         else:
-            raise UserError(f"{self.path}: unsupported file type (use .jsonl, .json, .parquet, .csv, a directory "
-                            "of them, or a datasets.save_to_disk directory)")
+            raise UserError(f"{self.path}: unsupported file type (use .jsonl, .json, .parquet, .csv, gzip/zstd "
+                            "compressed .jsonl/.json/.csv (.gz, .zst), a directory of them, or a "
+                            "datasets.save_to_disk directory)")
         for f in self.files:
             if not os.access(f, os.R_OK):
                 raise UserError(f"{f}: file is not readable")
@@ -107,7 +116,7 @@ class Source:
                     import pyarrow.parquet as pq
 
                     total += pq.ParquetFile(f).metadata.num_rows
-                elif f.suffix in (".jsonl", ".csv"):
+                elif f.suffix in (".jsonl", ".csv"):  # not compressed files: that would read them twice
                     with open(f, "rb") as fh:
                         total += sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
                 else:
@@ -125,12 +134,21 @@ class Source:
         if self.kind == "datasets":
             files = [(self.path, _iter_saved_dataset(self.path))]
         else:
-            files = [(f, _READERS[FILE_SUFFIXES[f.suffix]](f)) for f in self.files]
+            files = [(f, _READERS[file_format(f)](f)) for f in self.files]
         for f, it in files:
             name = str(f.relative_to(self.path)) if f != self.path else f.name
             for record, error in it:
                 yield RawRow(index, name, record, error)
                 index += 1
+
+
+def file_format(f: Path) -> str | None:
+    """jsonl / json / parquet / csv from the name (x.jsonl.gz -> jsonl), or None when not an input file."""
+    suffixes = f.suffixes[-2:]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        fmt = FILE_SUFFIXES.get(suffixes[0]) if len(suffixes) == 2 else None
+        return fmt if fmt != "parquet" else None
+    return FILE_SUFFIXES.get(f.suffix)
 
 
 def _is_saved_dataset(d: Path) -> bool:
@@ -165,39 +183,72 @@ def _batch_rows(batch: dict):
         yield {k: batch[k][i] for k in names}, None
 
 
-def _open(f: Path, mode="rb", **kw):
+def _open(f: Path):
+    """The file's bytes as a buffered binary stream, decompressed on the fly for .gz / .zst; the caller closes
+    it with `with`."""
     try:
-        return open(f, mode, **kw)  # the caller closes it with `with`
+        codec = COMPRESSED.get(f.suffix)
+        if codec == "gzip":
+            return gzip.open(f, "rb")
+        if codec == "zstd":
+            import pyarrow as pa
+
+            return io.BufferedReader(pa.input_stream(str(f), compression="zstd"), 1 << 20)
+        return open(f, "rb")
     except OSError as e:
-        raise UserError(f"{f}: cannot open ({e.strerror})") from None
+        raise UserError(f"{f}: cannot open ({e.strerror or e})") from None
+
+
+def _damaged(f: Path, where: str, e: Exception) -> UserError:
+    return UserError(f"{f}: cannot read past {where} ({type(e).__name__}: {str(e).strip() or 'cut off'}); the "
+                     "file is damaged or incomplete: fetch it again (rows read so far are kept for resume)")
+
+
+def _lines(f: Path):
+    """(line number, bytes) of a text file, BOM dropped, decompressed as a stream; a damaged compressed stream
+    ends with one line naming the file."""
+    with _open(f) as fh:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(fh, 1):
+                yield lineno, raw[3:] if lineno == 1 and raw.startswith(BOM) else raw
+        except (OSError, EOFError, zlib.error, ValueError) as e:
+            raise _damaged(f, f"line {lineno}", e) from None
+
+
+def _parse_line(lineno, raw):
+    """(record, None) or (None, reason) for one JSON line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"line {lineno}: invalid UTF-8 at byte {e.start}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"line {lineno}: JSON nested too deeply to parse"
+    except Exception as e:  # noqa: BLE001 - whatever else goes wrong with one line rejects that line
+        return None, f"line {lineno}: cannot parse ({type(e).__name__})"
+    if not isinstance(rec, dict):
+        return None, f"line {lineno}: expected a JSON object, got {type(rec).__name__}"
+    return rec, None
 
 
 def _read_jsonl(f: Path):
-    with _open(f) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue  # blank lines are not rows
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield None, f"line {lineno}: invalid UTF-8 at byte {e.start}"
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield None, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                continue
-            if not isinstance(rec, dict):
-                yield None, f"line {lineno}: expected a JSON object, got {type(rec).__name__}"
-                continue
-            yield rec, None
+    for lineno, raw in _lines(f):
+        if raw.strip():  # blank lines are not rows
+            yield _parse_line(lineno, raw)
 
 
 def _read_json(f: Path):
     """A top-level JSON array of objects, parsed one element at a time. (JSON Lines in a .json file also work.)"""
     with _open(f) as fh:
-        head = fh.read(4096).lstrip()
-        if head.startswith(b"\xef\xbb\xbf"):
+        try:
+            head = fh.peek(4096)[:4096].lstrip()
+        except (OSError, EOFError, zlib.error, ValueError) as e:
+            raise _damaged(f, "its start", e) from None
+        if head.startswith(BOM):
             head = head[3:].lstrip()
         if head.startswith(b"{"):  # JSON Lines with a .json name (datasets' to_json writes these)
             fh.close()
@@ -205,14 +256,16 @@ def _read_json(f: Path):
             return
         if not head.startswith(b"["):
             raise UserError(f"{f}: expected a JSON array of objects (or JSON Lines)")
-        fh.seek(0)
         decoder = codecs.getincrementaldecoder("utf-8-sig")("strict")
         dec = json.JSONDecoder()
         buf, pos, eof, started, n = "", 0, False, False, 0
 
         def more():
             nonlocal buf, pos, eof
-            block = fh.read(1 << 18)
+            try:
+                block = fh.read(1 << 18)
+            except (OSError, EOFError, zlib.error, ValueError) as e:
+                raise _damaged(f, f"element {n}", e) from None
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
@@ -244,12 +297,41 @@ def _read_json(f: Path):
                     more()
                     continue
                 raise UserError(f"{f}: invalid JSON in element {n} ({e.msg}); fix the file or use JSONL") from None
+            except RecursionError:
+                end = _value_end(buf, pos)
+                if end is None:  # the element goes on past the buffer
+                    if eof:
+                        raise UserError(f"{f}: JSON array is not closed (file truncated?)") from None
+                    more()
+                    continue
+                pos = end
+                n += 1
+                yield None, f"element {n - 1}: JSON nested too deeply to parse"
+                continue
             pos = end
             n += 1
             if isinstance(rec, dict):
                 yield rec, None
             else:
                 yield None, f"element {n - 1}: expected a JSON object, got {type(rec).__name__}"
+
+
+def _value_end(buf: str, pos: int) -> int | None:
+    """End of the JSON array/object starting at buf[pos], found without recursion; None if not in buf yet."""
+    depth, in_str, esc = 0, False, False
+    for j in range(pos, len(buf)):
+        c = buf[j]
+        if in_str:
+            esc, in_str = (False, True) if esc else (c == "\\", c != '"')
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return None
 
 
 def _read_parquet(f: Path):
@@ -266,17 +348,21 @@ def _read_parquet(f: Path):
 
 def _read_csv(f: Path):
     csv.field_size_limit(sys.maxsize)
-    with _open(f, "r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for i, rec in enumerate(reader):
-            bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
-            if bad:
-                yield None, f"CSV row {i + 1}: invalid UTF-8 in column {bad[0]!r}"
-                continue
-            if None in rec:
-                yield None, f"CSV row {i + 1}: more fields than the header has"
-                continue
-            yield {k: _maybe_messages(v) for k, v in rec.items()}, None
+    with _open(f) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)  # utf-8-sig: a BOM (Excel writes one) is not part of the first column's name
+        i = 0
+        try:
+            for i, rec in enumerate(reader, 1):
+                bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
+                if bad:
+                    yield None, f"CSV row {i}: invalid UTF-8 in column {bad[0]!r}"
+                    continue
+                if None in rec:
+                    yield None, f"CSV row {i}: more fields than the header has"
+                    continue
+                yield {k: _maybe_messages(v) for k, v in rec.items()}, None
+        except (OSError, EOFError, zlib.error) as e:
+            raise _damaged(f, f"CSV row {i}", e) from None
 
 
 def _has_surrogates(s: str) -> bool:
@@ -292,7 +378,7 @@ def _maybe_messages(v):
     if isinstance(v, str) and v.lstrip().startswith("[{"):
         try:
             val = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return v
         if isinstance(val, list) and all(isinstance(m, dict) and "role" in m for m in val):
             return val

@@ -1,13 +1,20 @@
 """Stage 1, top to bottom: read pairs -> tokenize -> score with the reference model -> write the cache.
 
 The input is cut into fixed chunks of `part_size` rows; chunk k becomes CACHE/part-k.parquet. A re-run skips
-parts that exist and belong to the same settings (resume after a crash or kill); `shard=(i, n)` processes
-the chunks with k % n == i, so n jobs can share one cache directory. The last shard to finish (or the
-single-process run) merges: validates every part and writes manifest.json and rejected_rows.parquet.
+parts that exist, belong to the same settings and still hash to the sum recorded when they were written
+(resume after a crash or kill; a damaged part is recomputed); `shard=(i, n)` processes the chunks with
+k % n == i, so n jobs can share one cache directory, each holding its own lock. The last shard to finish (or
+the single-process run) merges: validates every part and writes manifest.json and rejected_rows.parquet.
+
+A row that cannot be used (any error while reading, normalizing or tokenizing it) is rejected with its
+reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
 """
 
+import inspect
 import json
 import math
+import numbers
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,12 +22,14 @@ from pathlib import Path
 import refcache
 from pipeline import cache
 from pipeline.backends import make_scorer, resolve_backend, torch_dtype
-from pipeline.data import SPLIT_RULES, Reject, Source, check_prompt_split, normalize
+from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
+from pipeline.dedup import SeenPairs
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.tokenize import PairTokenizer, sequences
 from pipeline.tokenize import settings as tokenization_settings
 from refcache import UserError
+from refcache.lock import DirLock
 
 SCORE_PAIRS = {"hf": 256, "vllm": 1024}  # pairs per scoring call (progress granularity)
 
@@ -32,12 +41,38 @@ def parse_shard(shard):
         try:
             i, n = (int(x) for x in shard.split("/"))
         except ValueError:
-            raise UserError(f"--shard {shard}: expected I/N, e.g. 0/4") from None
+            raise UserError(f"--shard {shard}: must be I/N with whole numbers 0 <= I < N, e.g. 0/4") from None
     else:
         i, n = shard
-    if not (n >= 1 and 0 <= i < n):
-        raise UserError(f"--shard {i}/{n}: need 0 <= I < N")
+    if not (isinstance(i, numbers.Integral) and isinstance(n, numbers.Integral) and n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {i}/{n}: must be I/N with whole numbers 0 <= I < N, e.g. 0/4")
     return i, n
+
+
+# Numeric arguments: (flag, smallest, largest, None allowed). Checked before any work, for the CLI and the API.
+INT_ARGS = {"max_length": ("--max-length", 2, None, True), "max_prompt_length": ("--max-prompt-length", 1, None, True),
+            "batch_size": ("--batch-size", 1, None, True), "part_size": ("--part-size", 1, None, False),
+            "limit": ("--limit", 1, None, True), "tensor_parallel_size": ("--tensor-parallel-size", 1, None, True),
+            "max_model_len": ("--max-model-len", 2, None, True)}
+FLOAT_ARGS = {"gpu_memory_utilization": ("--gpu-memory-utilization", 0.0, 1.0, True)}  # (0, 1]
+
+
+def check_arguments(args: dict):
+    """One-line UserError naming the flag and its allowed range for the first numeric argument out of range."""
+    for name, (flag, lo, hi, none_ok) in INT_ARGS.items():
+        v = args.get(name)
+        if v is None and none_ok:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+            allowed = f"a whole number >= {lo}" + (" (or none)" if name == "max_prompt_length" else "")
+            raise UserError(f"{flag} {v}: must be {allowed}")
+    for name, (flag, lo, hi, none_ok) in FLOAT_ARGS.items():
+        v = args.get(name)
+        if v is None and none_ok:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo < v <= hi:  # NaN fails too
+            raise UserError(f"{flag} {f'{v:g}' if isinstance(v, float) else v}: must be a number in ({lo:g}, {hi:g}]")
+    parse_shard(args.get("shard"))
 
 
 def load_tokenizer(model_dir):
@@ -49,16 +84,18 @@ def load_tokenizer(model_dir):
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length=512,
-               truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-               columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
+def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length=512,
+                truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
+                columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
     prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
     a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
     backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
-    min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence."""
+    min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence.
+    Numeric arguments are checked first; then the shard's lock on `out` is taken (a second writer of the
+    same shard is refused) and held until the cache (or this shard) is written."""
     t0 = time.time()
     shard_i, shard_n = parse_shard(shard)
     torch_dtype(dtype)
@@ -70,8 +107,6 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         raise UserError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length}")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
-    if part_size < 1:
-        raise UserError("--part-size must be at least 1")
     if backend_settings.get("compile") and name != "hf":
         raise UserError(f"--compile applies to the hf backend, not {name}; drop it or use --backend hf")
 
@@ -89,11 +124,14 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                 "tokenizer_sha256": tok_id["sha256"], "chat_template_sha256": tok_id["chat_template_sha256"],
                 "tokenization": tok_settings, "backend": name, "dtype": dtype, "dataset_sha256": data_sha,
                 "columns": src.columns, "limit": limit, "part_size": part_size}
+    settings["duplicates"] = "first copy kept, later copies rejected"  # pipeline/dedup.py
     fingerprint = cache.settings_fingerprint(settings)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cache.check_compatible(out, fingerprint, settings)
-    done = cache.done_parts(out, fingerprint)
+    done, changed = cache.done_parts(out, fingerprint, (shard_i, shard_n))
+    for f in changed:
+        print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it", file=sys.stderr)
+    log = cache.written_log(shard_i, shard_n)
 
     identity = {"model": model_id, "tokenizer": tok_id, "tokenization": tok_settings,
                 "backend": {"name": name, "dtype": dtype},
@@ -106,15 +144,11 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
     own_scorer = scorer is None
     score_seconds = 0.0
 
-    def run_chunk(k, rows):
+    def run_chunk(k, items):
         nonlocal scorer, score_seconds
-        pairs, rejected = [], []
-        for row in rows:
-            try:
-                pairs.append(normalize(row, src.columns, prompt_split))
-            except Reject as e:
-                rejected.append((row.index, row.file, str(e)))
-        kept, rej = pair_tok(pairs)
+        pairs = [p for p in items if isinstance(p, Pair)]
+        rejected = [p for p in items if not isinstance(p, Pair)]
+        kept, rej = tokenize_rows(pair_tok, pairs)
         rejected += [(p.index, p.file, reason) for p, reason in rej]
         if kept and scorer is None:
             settings_ = dict(backend_settings, batch_size=batch_size)
@@ -147,14 +181,14 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(busy, 1e-9):,.0f}", refresh=False)
         score_seconds += time.time() - ts
         if bar is not None:
-            bar.update(len(rows) - len(kept))
+            bar.update(len(items) - len(kept))
         rejected.sort()
         meta = {"schema_version": SCHEMA_VERSION, "refcache_version": refcache.__version__,
                 "fingerprint": fingerprint, "settings": settings,
                 "identity": {**identity, "backend": {**identity["backend"], "version": scorer.version(),
                                                      "settings": scorer.settings()} if scorer else
                              identity["backend"]},
-                "part": {"index": k, "first_source_index": k * part_size, "rows_read": len(rows),
+                "part": {"index": k, "first_source_index": k * part_size, "rows_read": len(items),
                          "rows_kept": len(kept), "rejected": rejected,
                          "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
                          "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
@@ -162,17 +196,20 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
                          "formats": dict(Counter(t.pair.kind for t in kept)),
                          "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
         tw = time.time()
-        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp), meta)
+        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp), meta, log)
         stats["write_seconds"] += time.time() - tw
         stats["rows_kept"] += len(kept)
         stats["rows_rejected"] += len(rejected)
         stats["parts_written"] += 1
         _add_counts(stats, meta["part"])
 
-    def finish_chunk(k, rows):
+    seen = SeenPairs()  # every shard sees every row, so all shards make the same duplicate decisions
+
+    def finish_chunk(k, items):
+        dedupe(seen, items)
         if k % shard_n != shard_i:
             return
-        stats["rows_read"] += len(rows)
+        stats["rows_read"] += len(items)
         if k in done:
             p = done[k]["part"]
             stats["rows_kept"] += p["rows_kept"]
@@ -180,23 +217,22 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
             stats["parts_skipped"] += 1
             _add_counts(stats, p)
             if bar is not None:
-                bar.update(len(rows))
+                bar.update(len(items))
             return
-        run_chunk(k, rows)
+        run_chunk(k, items)
 
-    total_read, k, rows = 0, 0, []
+    total_read, k, items = 0, 0, []
     try:
         for row in src.rows():
             if limit is not None and row.index >= limit:
                 break
             total_read += 1
             if row.index // part_size != k:
-                finish_chunk(k, rows)
-                k, rows = row.index // part_size, []
-            if k % shard_n == shard_i:
-                rows.append(row)
-        if rows:
-            finish_chunk(k, rows)
+                finish_chunk(k, items)
+                k, items = row.index // part_size, []
+            items.append(normalize_row(row, src.columns, prompt_split))
+        if items:
+            finish_chunk(k, items)
     finally:
         if bar is not None:
             bar.close()
@@ -212,8 +248,8 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     others = [out / cache.shard_name(j, shard_n) for j in range(shard_n)]
-    complete = all(p.exists() and json.loads(p.read_text()).get("fingerprint") == fingerprint for p in others)
-    manifest = cache.merge(out) if complete else None
+    complete = all((cache.read_json(p) or {}).get("fingerprint") == fingerprint for p in others)
+    manifest = cache.merge_unless_merging(out) if complete else None  # None: another shard is merging
     if manifest:
         for tmp in out.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -246,6 +282,66 @@ def _add_counts(stats, part):
             stats[key][k] = stats[key].get(k, 0) + n
 
 
+def precompute(*args, **kwargs) -> dict:
+    bound = inspect.signature(_precompute).bind(*args, **kwargs)
+    bound.apply_defaults()
+    check_arguments({**bound.arguments, **bound.arguments["backend_settings"]})
+    out = Path(bound.arguments["out"])
+    shard_i, shard_n = parse_shard(bound.arguments["shard"])
+    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, "precompute", name=f"shard-{shard_i}-of-{shard_n}"):
+        return _precompute(*args, **kwargs)
+
+
+precompute.__doc__, precompute.__signature__ = _precompute.__doc__, inspect.signature(_precompute)
+
+
+def normalize_row(row, columns, prompt_split="auto"):
+    """Pair, or (source_index, file, reason) when the row cannot be used, whatever the error."""
+    try:
+        return normalize(row, columns, prompt_split)
+    except Reject as e:
+        return row.index, row.file, str(e)
+    except Exception as e:  # noqa: BLE001 - one row's failure rejects that row, never the build
+        return row.index, row.file, row_error(e)
+
+
+def row_error(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply to process (RecursionError)"
+    if isinstance(e, UnicodeError) and hasattr(e, "object"):
+        return f"invalid text: {e.object[e.start:e.end]!a} ({e.reason}); fix the encoding of this row"
+    first = str(e).strip().splitlines()
+    return f"cannot process this row ({type(e).__name__}{': ' + first[0][:200] if first else ''})"
+
+
+def dedupe(seen: SeenPairs, items: list):
+    """Replace every later copy of a pair (same pair_id as an earlier row) by its rejection, in place."""
+    at = [j for j, p in enumerate(items) if isinstance(p, Pair)]
+    firsts = seen.first_rows([items[j].pair_id for j in at], [items[j].index for j in at])
+    for j, first in zip(at, firsts):
+        p = items[j]
+        if first != p.index:
+            reason = f"duplicate of row {first} (same prompt, chosen and rejected; pair_id {p.pair_id})"
+            items[j] = (p.index, p.file, reason)
+
+
+def tokenize_rows(pair_tok, pairs):
+    """pair_tok(pairs), or pair by pair when the batch raises, so that one pair's error rejects only that pair."""
+    try:
+        return pair_tok(pairs)
+    except Exception:  # noqa: BLE001 - find the pair(s) that fail
+        kept, rejected = [], []
+        for p in pairs:
+            try:
+                k, r = pair_tok([p])
+            except Exception as e:  # noqa: BLE001
+                k, r = [], [(p, row_error(e))]
+            kept += k
+            rejected += r
+        return kept, rejected
+
+
 def _check_context(model_dir, max_length, backend):
     """Resolve max_length against the model's context (vLLM needs one spare position for its output token)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -253,8 +349,6 @@ def _check_context(model_dir, max_length, backend):
     spare = 1 if backend == "vllm" else 0
     if max_length is None:  # the same default for every backend, so their caches are interchangeable
         return min(1024, ctx - 1) if ctx else 1024
-    if max_length < 2:
-        raise UserError(f"--max-length {max_length}: need at least 2 tokens")
     if ctx and max_length + spare > ctx:
         raise UserError(f"--max-length {max_length} does not fit the model's context of {ctx} tokens "
                         f"({model_dir}/config.json) with the {backend} backend; use --max-length {ctx - spare}")

@@ -1,4 +1,8 @@
-"""`refcache verify`: re-score a sample of cached pairs with the hf backend and compare.
+"""`refcache verify`: check the whole cache, then re-score a sample of cached pairs with the hf backend and compare.
+
+First, every part is hashed in full against the manifest (missing, extra, truncated or changed parts are
+refused) and every pair is checked for consistency: stored sums equal the sums of the stored token log-probs,
+ids, log-probs and lengths agree, pair_id is unique. Then N pairs are re-scored.
 
 Reports per-token max / mean |diff| (nats) and the implied reward error at beta: DPO's implicit reward is
 beta * (log pi - log ref) summed over a completion, so an error e in the cached sum shifts the reward by
@@ -8,10 +12,12 @@ beta * e and the margin (chosen - rejected) by beta * (e_chosen - e_rejected).
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline.backends import HFScorer
-from pipeline.cache import load_table, read_manifest
-from pipeline.fingerprint import file_sha256, identity_diff, model_identity
+from pipeline.cache import check_parts, load_table, read_manifest
+from pipeline.dedup import SeenPairs
+from pipeline.fingerprint import identity_diff, model_identity
 from refcache import UserError
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.1}  # bf16: ~0.07 seen, coarse
@@ -21,10 +27,7 @@ def verify(cache_dir, sample=32, tolerance=None, beta=0.1, model=None, dtype=Non
            scorer=None) -> dict:
     cache_dir = Path(cache_dir)
     m = read_manifest(cache_dir)
-    for s in m["shards"]:
-        if file_sha256(cache_dir / s["file"]) != s["sha256"]:
-            raise UserError(f"{cache_dir / s['file']}: contents changed since the manifest was written "
-                            "(sha256 differs); re-run precompute")
+    consistent = check_consistency(cache_dir, check_parts(cache_dir, m, full=True))
     model_dir = model or m["model"]["path"]
     if scorer is None and identity_diff(m["model"], model_identity(model_dir), "model"):
         raise UserError(f"{model_dir}: weights/config differ from the model the cache was made with "
@@ -55,10 +58,77 @@ def verify(cache_dir, sample=32, tolerance=None, beta=0.1, model=None, dtype=Non
         "pairs": n, "tokens": int(diffs.size), "dtype": dtype, "cache_backend": m["backend"]["name"],
         "max_abs_diff": float(diffs.max()), "mean_abs_diff": float(diffs.mean()),
         "beta": beta, "reward_error_max": float(beta * np.abs(err).max()),
-        "margin_error_max": float(margin_err.max()), "tolerance": tolerance,
+        "margin_error_max": float(margin_err.max()), "tolerance": tolerance, "consistent_pairs": consistent,
     }
     result["passed"] = result["max_abs_diff"] <= tolerance
     return result
+
+
+CONSISTENCY_COLUMNS = ["pair_id", "source_index", "prompt_ids", "prompt_len", "chosen_ids", "chosen_len",
+                       "ref_chosen_token_logps", "ref_chosen_logp", "rejected_ids", "rejected_len",
+                       "ref_rejected_token_logps", "ref_rejected_logp"]
+
+
+def check_consistency(cache_dir, parts) -> int:
+    """Every pair of every part, one part at a time: see `_inconsistency`; and pair_id unique in the cache.
+    Returns the number of pairs; one-line UserError naming the part and the first bad pair."""
+    seen, total = SeenPairs(), 0
+    for path in parts:
+        t = pq.read_table(path, columns=CONSISTENCY_COLUMNS)
+        problem = _inconsistency(t)
+        if problem is None:
+            ids = t.column("pair_id").to_pylist()
+            dup = seen.first_rows(ids, np.arange(total, total + len(ids))) != np.arange(total, total + len(ids))
+            if dup.any():
+                i = int(np.flatnonzero(dup)[0])
+                problem = int(dup.sum()), i, f"pair_id {ids[i]} appears earlier in the cache too"
+            total += len(ids)
+        if problem is not None:
+            count, i, what = problem
+            raise UserError(f"{path}: {count} pair(s) inconsistent; first, source_index "
+                            f"{t.column('source_index')[i].as_py()}: {what}; the part was changed after it was "
+                            "written: move it out of the cache and re-run precompute")
+    return total
+
+
+def _inconsistency(t) -> tuple[int, int, str] | None:
+    """(pairs affected, first row, what) for the first check one part's pairs fail, or None: token ids,
+    log-probs and *_len agree; log-probs are finite; each stored sum equals the float64 sum of its float32
+    token log-probs (to 1e-9 relative: only the order of summation may differ)."""
+    def first(mask):
+        return int(mask.sum()), int(np.flatnonzero(mask)[0])
+
+    n = {"prompt": _list_lengths(t.column("prompt_ids"))}
+    for side in ("chosen", "rejected"):
+        n[side] = _list_lengths(t.column(f"{side}_ids"))
+        lp = t.column(f"ref_{side}_token_logps").combine_chunks()
+        n_lp = _list_lengths(lp)
+        if (n_lp != n[side]).any():
+            count, i = first(n_lp != n[side])
+            return count, i, f"{n_lp[i]} {side} token log-probs for {n[side][i]} {side}_ids"
+        rows = np.repeat(np.arange(len(n_lp)), n_lp)
+        vals = lp.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        if not np.isfinite(vals).all():
+            count, i = first(np.isin(np.arange(len(n_lp)), rows[~np.isfinite(vals)]))
+            return count, i, f"a {side} token log-prob is not finite"
+        sums = np.bincount(rows, weights=vals, minlength=len(n_lp))
+        stored = t.column(f"ref_{side}_logp").to_numpy()
+        off = ~(np.abs(sums - stored) <= 1e-9 * (1 + np.abs(sums)))  # NaN is off too
+        if off.any():
+            count, i = first(off)
+            return count, i, (f"stored ref_{side}_logp {stored[i]!r} is not the sum of its {n_lp[i]} token log-probs "
+                              f"({sums[i]!r})")
+    for name in ("prompt", "chosen", "rejected"):
+        lens = t.column(f"{name}_len").to_numpy()
+        if (lens != n[name]).any():
+            count, i = first(lens != n[name])
+            return count, i, f"{name}_len {lens[i]} but {n[name][i]} {name}_ids"
+    return None
+
+
+def _list_lengths(col) -> np.ndarray:
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    return np.diff(arr.offsets.to_numpy()).astype(np.int64)
 
 
 def format_result(r: dict, cache_dir) -> str:

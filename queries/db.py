@@ -2,7 +2,8 @@
 
 Views (all read straight from the Parquet files, nothing is copied):
 
-  pairs          union of the caches' part-*.parquet, plus `cache` (the cache dir name) and
+  pairs          union of the parts each cache's manifest lists (checked first by pipeline.cache.check_parts:
+                 a missing, extra or changed part is refused), plus `cache` (the cache dir name) and
                  `length_diff = chosen_len - rejected_len`
   rejected_rows  union of the caches' rejected_rows.parquet, plus `cache`
   steps          union of the runs' steps.parquet, plus `run` (the run dir name)
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
+from pipeline import cache as pcache
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
 from refcache import UserError
 
@@ -150,20 +152,19 @@ def load_run_dir(run) -> dict:
 
 
 def load_cache_dir(cache) -> dict:
+    """A cache's manifest and its part files, through the reader training uses (pipeline.cache.check_parts)."""
     d = Path(cache).expanduser()
     if not d.is_dir():
         raise UserError(f"{cache}: no such cache directory (expected the --out of `refcache precompute`)")
-    parts = sorted(d.glob("part-*.parquet"))
-    if not parts:
-        raise UserError(f"{cache}: not a cache directory (no part-*.parquet); "
-                        "pass the --out of `refcache precompute`")
+    manifest = pcache.read_manifest(d)
+    parts = pcache.check_parts(d, manifest)
     for f in parts:
         _check_parquet(f, CACHE_SCHEMA, "cache")
     rej = d / "rejected_rows.parquet"
     if rej.exists():
         _check_parquet(rej, REJECTED_SCHEMA, "rejected-rows")
-    return {"dir": d.resolve(), "parts": parts, "rejected": rej if rej.exists() else None,
-            "manifest": _read_json(d / "manifest.json")}
+    return {"dir": d.resolve(), "parts": [f.resolve() for f in parts], "rejected": rej if rej.exists() else None,
+            "manifest": manifest}
 
 
 def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
@@ -199,7 +200,8 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
         return " UNION ALL BY NAME ".join(selects) if selects else empty
 
     pairs = [f"SELECT {_lit(n)} AS cache, *, chosen_len - rejected_len AS length_diff "
-             f"FROM read_parquet({_lit(c['dir'] / 'part-*.parquet')})" for n, c in zip(cache_names, cache_info)]
+             f"FROM read_parquet([{', '.join(_lit(f) for f in c['parts'])}])"
+             for n, c in zip(cache_names, cache_info) if c["parts"]]
     empty_pairs = (_empty_select(CACHE_SCHEMA, "cache").replace(" WHERE false", "") +
                    ", NULL::INTEGER AS length_diff WHERE false")
     con.execute(f"CREATE VIEW pairs AS {union(pairs, empty_pairs)}")

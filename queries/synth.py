@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
+from pipeline.fingerprint import file_sha256
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
 
 
@@ -84,7 +85,8 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
     for k, start in enumerate(range(0, n_pairs, shard_rows)):
         name = f"part-{k:05d}.parquet"
         pq.write_table(table.slice(start, shard_rows), out / name, compression="zstd")
-        shards.append({"file": name, "rows": min(shard_rows, n_pairs - start)})
+        shards.append({"file": name, "rows": min(shard_rows, n_pairs - start),
+                       "bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)})
     reasons = ["empty chosen completion", "prompt longer than max_prompt_length", "chosen equals rejected"]
     rej = pa.table(
         {

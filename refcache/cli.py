@@ -1,9 +1,12 @@
 """`refcache` command line. Each stage registers its own subcommands; this file only dispatches.
 
-Every command exits 0 on success and non-zero with one line on stderr otherwise.
+Every command exits 0 on success and non-zero with one line on stderr otherwise: a UserError's message, or for
+an OSError (a full disk, a file that cannot be written) what failed on which file. Writers leave a state that
+the same command resumes from (temp files + rename, parts and checkpoints kept).
 """
 
 import argparse
+import errno
 import sys
 
 from refcache import UserError, __version__
@@ -36,6 +39,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"refcache {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"refcache {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # libraries that report a full disk in their own exception type (safetensors, polars)
+        if "No space left on device" not in str(e):
+            raise
+        print(f"refcache {args.command}: error: disk full ({str(e).strip().splitlines()[0]}); free space and "
+              "re-run to resume", file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: what went wrong, on which file, and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing{where}; free space and re-run to resume"
+    if e.errno == errno.EFBIG:
+        return f"file too large writing{where} (a file-size limit, see ulimit -f); raise it and re-run to resume"
+    what = (e.strerror or str(e) or type(e).__name__).splitlines()[0]
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 if __name__ == "__main__":

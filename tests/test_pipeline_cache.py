@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -163,8 +164,9 @@ def test_rerun_of_a_finished_cache_changes_nothing(tmp_path, small_cache, tiny_m
     manifest["created"] = "2020-01-01T00:00:00Z"  # made earlier: a rewrite would show
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    def contract_files():  # parts, manifest.json, rejected_rows.parquet (not the _shard-*.json progress notes)
-        return {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith("_shard-")}
+    def contract_files():  # parts, manifest.json, rejected_rows.parquet (not the _-prefixed bookkeeping files:
+        # _shard-*.json progress notes, _written-*.jsonl write logs, the _sums.json memo)
+        return {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith("_")}
 
     before = contract_files()
     precompute(prefs_dir / "train.jsonl", tiny_model_dir, out, **SMALL)
@@ -199,12 +201,16 @@ def test_all_rows_rejected_is_an_error_with_reasons(tmp_path, tiny_model_dir):
 
 
 def _rewrite_part(path, add):
-    """Shift every cached chosen token log-prob of a part by `add` nats, keeping its metadata."""
+    """Shift every cached chosen token log-prob of a part by `add` nats, and their sums to match (a wrong but
+    self-consistent part: only re-scoring can tell), keeping its metadata."""
     t = pq.read_table(path)
     col = t.column("ref_chosen_token_logps").combine_chunks()
     shifted = type(col).from_arrays(col.offsets, pc.add(col.values, np.float32(add)))
     t = t.set_column(t.schema.get_field_index("ref_chosen_token_logps"), t.schema.field("ref_chosen_token_logps"),
                      shifted)
+    sums = [float(np.asarray(x, np.float32).astype(np.float64).sum()) for x in shifted.to_pylist()]
+    t = t.set_column(t.schema.get_field_index("ref_chosen_logp"), t.schema.field("ref_chosen_logp"),
+                     pa.array(sums, pa.float64()))
     pq.write_table(t, path, compression="zstd")
 
 
@@ -219,7 +225,7 @@ def test_verify_passes_on_a_good_cache_and_fails_on_a_bad_one(tmp_path, eval_cac
     assert cli_main(["verify", str(bad), "--sample", "8"]) == 2  # part changed after the manifest: refused
     assert "contents changed" in capsys.readouterr().err
     m = json.loads((bad / "manifest.json").read_text())
-    m["shards"][0]["sha256"] = file_sha256(part)
+    m["shards"][0].update(sha256=file_sha256(part), bytes=part.stat().st_size)  # as if blessed by a re-run
     (bad / "manifest.json").write_text(json.dumps(m))
     assert cli_main(["verify", str(bad), "--sample", "8", "--json"]) == 1
     r = json.loads(capsys.readouterr().out)
