@@ -63,8 +63,12 @@ class DirLock:
                 raise UserError(f"{self.dir} is being written by another refcache {holder.get('what', 'job')} "
                                 f"(pid {holder.get('pid')}{where}, since {holder.get('since')}); wait for it "
                                 f"to finish or use another directory{hint}") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError:  # e.g. a full disk: leave no empty lock file behind
+                self.path.unlink(missing_ok=True)
+                raise
             self.held = True
             return self
         raise UserError(f"{self.path}: could not take the lock; re-run")
