@@ -4,6 +4,7 @@ import argparse
 import io
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import polars as pl
@@ -48,7 +49,7 @@ def _query_description() -> str:
 
     qs = list_queries()
     w = max(len(q.name) for q in qs)
-    lines = "\n".join(f"  {q.name:<{w}}  {q.description}" for q in qs)
+    lines = "\n".join(_wrap(f"  {q.name:<{w}}  ", q.description) for q in qs)
     return ("Run a named diagnostic (one SQL file in queries/) over DuckDB views of the caches and run logs and\n"
             "print the result. Without NAME, list the diagnostics with their parameters.\n\n"
             f"diagnostics:\n{lines}\n\n"
@@ -101,6 +102,12 @@ def _default_top() -> int:
     from queries.findings import default_top
 
     return default_top()
+
+
+def _wrap(lead: str, text: str) -> str:
+    """`lead` + `text` wrapped to the terminal width, continuation lines indented under the text."""
+    width = max(60, shutil.get_terminal_size((100, 40)).columns - 2)
+    return textwrap.fill(text, width, initial_indent=lead, subsequent_indent=" " * len(lead))
 
 
 def _take_stray(args, accept):
@@ -182,9 +189,9 @@ def list_text() -> str:
     qs = list_queries()
     w = max(len(q.name) for q in qs)
     for q in qs:
-        buf.write(f"{q.name:<{w}}  {q.description}\n")
+        buf.write(_wrap(f"{q.name:<{w}}  ", q.description) + "\n")
         for prm in q.params.values():
-            buf.write(f"{'':<{w}}    --param {prm.name}={prm.default}  {prm.help}\n")
+            buf.write(_wrap(f"{'':<{w}}    --param {prm.name}={prm.default}  ", prm.help) + "\n")
     buf.write("\nrun one: refcache query NAME --run RUN [--param K=V] [--format table|csv|json|parquet]\n")
     return buf.getvalue()
 

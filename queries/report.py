@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import polars as pl
+from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
@@ -46,21 +47,36 @@ SHARED_Y = [("rewards/chosen", "rewards/rejected"), ("logps/chosen", "logps/reje
 
 
 def _split_colours(runs) -> dict:
-    """(run, split) -> colour. One run: a hue per split. Several: a hue per run, dark = train, light = eval."""
+    """(run, split) -> colour. One run: a hue per split. Several: a hue per run, eval a lighter shade of it
+    (and dashed: STYLE)."""
     if len(runs) == 1:
         return {(runs[0], "train"): "C0", (runs[0], "eval"): "C1"}
-    pal = plt.get_cmap("tab20").colors
-    return {(r, s): pal[(2 * k + (s == "eval")) % 20] for k, r in enumerate(runs) for s in ("train", "eval")}
+    out = {}
+    for k, run in enumerate(runs):
+        base = to_rgb(f"C{k % 10}")
+        out[(run, "train")], out[(run, "eval")] = base, tuple(0.6 * c + 0.4 for c in base)
+    return out
+
+
+def _run_keys(runs, what="probes") -> list:
+    """Legend entries for several runs: one per run (its hue) and one per line style (train / eval)."""
+    if len(runs) == 1:
+        return []
+    colours = _split_colours(runs)
+    return [Line2D([], [], color=colours[(r, "train")], lw=2, label=r) for r in runs] + [
+        Line2D([], [], color="0.3", ls=STYLE["train"], label=f"train {what}"),
+        Line2D([], [], color="0.6", ls=STYLE["eval"], label="eval probes (lighter)")]
 
 
 def _series(df, runs):
-    """(run, split, colour, linestyle, label, rows sorted by step) for each run x split present."""
+    """(run, split, colour, linestyle, label, rows sorted by step) for each run x split present. With several
+    runs the lines carry no label: _run_keys explains colours and styles once."""
     colours = _split_colours(runs)
     for run in runs:
         for split in ("train", "eval"):
             rows = df.filter((pl.col("run") == run) & (pl.col("split") == split)).sort("step")
             if rows.height:
-                label = SPLIT_WORDS[split] if len(runs) == 1 else f"{run} · {split} probes"
+                label = SPLIT_WORDS[split] if len(runs) == 1 else "_nolegend_"
                 yield run, split, colours[(run, split)], STYLE[split], label, rows
 
 
@@ -76,7 +92,8 @@ def _legend(fig, axes, extra=()):
     seen = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
+            if not lab.startswith("_"):
+                seen.setdefault(lab, h)
     for h in extra:
         seen.setdefault(h.get_label(), h)
     if seen:
@@ -129,63 +146,72 @@ def _plot_steps(steps, drift, runs, out_dir):
     for run in runs:
         s = steps.filter(pl.col("run") == run).sort("step")
         c = colours[(run, "train")]
-        label = "training batches" if len(runs) == 1 else run
+        label = "training batches" if len(runs) == 1 else "_nolegend_"
         if s.height:
             w = max(1, s.height // 40)
             x = s["step"].to_numpy()
             for name, col, _ in TRL_CURVES:
                 ax, y = panel[name], s[col]
                 if col != "lr":
-                    ax.plot(x, y.to_numpy(), color=c, lw=0.7, alpha=0.3)
+                    ax.plot(x, y.to_numpy(), color=c, lw=0.6, alpha=0.25)
                     y = y.rolling_mean(w, min_samples=1)
                 ax.plot(x, y.to_numpy(), color=c, lw=1.6, label=label)
         ev = drift.filter((pl.col("run") == run) & (pl.col("split") == "eval")).sort("step")
         if ev.height:
             panel["loss"].plot(ev["step"].to_numpy(), ev["loss_mean"].to_numpy(), color=colours[(run, "eval")],
-                               ls="--", lw=1.6, marker=".", ms=4,
-                               label="eval probes: mean loss" if len(runs) == 1 else f"{run} · eval probes")
+                               ls=STYLE["eval"], lw=2, marker="o", ms=3,
+                               label="eval probes: mean loss" if len(runs) == 1 else "_nolegend_")
     panel["loss"].axhline(0.693147, color="0.5", lw=0.8, ls=":", label="ln 2 (loss at step 0)")
     panel["rewards/accuracies"].set_ylim(-0.02, 1.02)
+    peaks = steps.group_by("run").agg(pl.col("lr").max())["lr"]  # each run's peak learning rate
+    if peaks.len() > 1 and peaks.min() > 0 and peaks.max() > 20 * peaks.min():  # very different lr: log scale
+        panel["learning_rate"].set_yscale("log")
+        panel["learning_rate"].set_ylim(peaks.min() / 100, peaks.max() * 2)  # not down to the schedule's 0
     for (name, _, unit), ax in zip(TRL_CURVES, axes):
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(unit)
         _steps_axis(ax)
-    panel["learning_rate"].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if panel["learning_rate"].get_yscale() == "linear":
+        panel["learning_rate"].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     keys = [Line2D([], [], color="0.4", lw=0.7, alpha=0.5, label="per step (training batch)"),
             Line2D([], [], color="0.4", lw=1.6, label="rolling mean over ~1/40 of the run")]
-    _legend(fig, axes, keys)
+    _legend(fig, axes, _run_keys(runs, "batches") + keys)
     return _save(fig, out_dir, "steps.png")
 
 
 def _plot_drift(drift, coll, runs, out_dir):
     """Chosen and rejected drift side by side on ONE y-scale, so 'which fell more' reads at a glance."""
     fig, axes = _figure(2, sharex=True, sharey=True, height=4.2)
+    bands = len(list(_series(drift, runs))) <= 2  # more than two bands overlap into mud: means only
     for ax, side in zip(axes, ("chosen", "rejected")):
         for run, split, c, ls, label, r in _series(drift, runs):
             x = r["step"].to_numpy()
-            lo, hi = r[f"{side}_drift_p10"].to_numpy(), r[f"{side}_drift_p90"].to_numpy()
-            ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0)
-            for edge in (lo, hi):  # the band's edges in the series' own style, to tell overlapping bands apart
-                ax.plot(x, edge, color=c, ls=ls, lw=0.7, alpha=0.6)
-            ax.plot(x, r[f"{side}_drift_mean"].to_numpy(), color=c, ls=ls, lw=1.8, label=f"{label}: mean")
+            if bands:
+                lo, hi = r[f"{side}_drift_p10"].to_numpy(), r[f"{side}_drift_p90"].to_numpy()
+                ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0)
+                for edge in (lo, hi):  # the band's edges in the series' own style, to tell the bands apart
+                    ax.plot(x, edge, color=c, ls=ls, lw=0.7, alpha=0.6)
+            ax.plot(x, r[f"{side}_drift_mean"].to_numpy(), color=c, ls=ls, lw=1.8,
+                    label=f"{label}: mean" if not label.startswith("_") else label)
         ax.axhline(0, color="0.4", lw=0.8)
         if side == "chosen":
             _mark_collapse(ax, coll, runs, drift, "chosen_drift_mean")
-        ax.set_title(f"{side} completion: policy − reference log-prob")
+        ax.set_title(f"{side} completions (both panels share one scale)")
         _steps_axis(ax)
-    axes[0].set_ylabel("drift (nats, summed over the completion; one scale for both panels)")
-    band = Line2D([], [], color="0.6", lw=8, alpha=0.3, label="band (thin edges): p10–p90 over probe pairs")
-    _legend(fig, axes, [band] + _collapse_keys(coll))
+    axes[0].set_ylabel("policy − reference log-prob (nats)")
+    band = [Line2D([], [], color="0.6", lw=8, alpha=0.3, label="band (thin edges): p10–p90 over probe pairs")]
+    _legend(fig, axes, _run_keys(runs) + (band if bands else []) + _collapse_keys(coll))
     return _save(fig, out_dir, "drift.png")
 
 
-def _two_panels(drift, runs, left, right):
-    """One figure, two panels: column `left` and column `right` of `drift` over steps, a line per run/split."""
+def _two_panels(drift, runs, left, right, right_from=0):
+    """One figure, two panels: column `left` and column `right` (from step `right_from` on) of `drift` over
+    steps, a line per run/split."""
     fig, axes = _figure(2, sharex=True)
     for run, split, c, ls, label, r in _series(drift, runs):
-        x = r["step"].to_numpy()
-        axes[0].plot(x, r[left].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
-        axes[1].plot(x, r[right].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        axes[0].plot(r["step"].to_numpy(), r[left].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        r = r.filter(pl.col("step") >= right_from)
+        axes[1].plot(r["step"].to_numpy(), r[right].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
     for ax in axes:
         _steps_axis(ax)
     return fig, axes
@@ -198,22 +224,23 @@ def _plot_shares(drift, runs, out_dir):
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("share of probe pairs")
-    _legend(fig, axes)
+    _legend(fig, axes, _run_keys(runs))
     return _save(fig, out_dir, "shares.png")
 
 
 def _plot_margin(drift, coll, runs, out_dir):
-    fig, axes = _two_panels(drift, runs, "margin_mean", "accuracy")
+    # accuracy from the first probe after step 0: at step 0 every margin is rounding, so its sign means nothing
+    fig, axes = _two_panels(drift, runs, "margin_mean", "accuracy", right_from=1)
     axes[0].set_title("mean reward margin β·[(π_c − ref_c) − (π_r − ref_r)]")
     axes[0].set_ylabel("margin (β·nats)")
     axes[0].axhline(0, color="0.4", lw=0.8)
-    axes[1].set_title("reward accuracy")
+    axes[1].set_title("reward accuracy (not at step 0, where margins are rounding)")
     axes[1].set_ylabel("share of probe pairs with margin > 0")
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].axhline(0.5, color="0.5", lw=0.8, ls=":", label="chance (0.5)")
     _mark_collapse(axes[0], coll, runs, drift, "margin_mean")
     _mark_collapse(axes[1], coll, runs, drift, "accuracy")
-    _legend(fig, axes, _collapse_keys(coll))
+    _legend(fig, axes, _run_keys(runs) + _collapse_keys(coll))
     return _save(fig, out_dir, "margin_accuracy.png")
 
 
@@ -229,7 +256,7 @@ def _plot_length(con, length, runs, out_dir):
             p = pts.filter((pl.col("run") == run) & (pl.col("split") == split))
             if p.height > 4000:
                 p = p.sample(4000, seed=0)
-            label = SPLIT_WORDS[split] if len(runs) == 1 else f"{run} · {split} probes"
+            label = SPLIT_WORDS[split] if len(runs) == 1 else "_nolegend_"
             if p.height:
                 axes[0].scatter(p["length_diff"].to_numpy(), p["margin"].to_numpy(), s=10, alpha=0.6,
                                 color=colours[(run, split)], edgecolors="none", label=label)
@@ -251,9 +278,9 @@ def _plot_length(con, length, runs, out_dir):
     axes[1].set_title("corr(margin, length difference) over training (none at step 0)")
     axes[1].set_ylabel("Pearson correlation over probe pairs")
     _steps_axis(axes[1])
-    keys = [Line2D([], [], color="0.3", ls="-", lw=1.8, label="summed margin"),
-            Line2D([], [], color="0.3", ls=":", lw=1.4, label="per-token margin")]
-    _legend(fig, axes, keys)
+    keys = [Line2D([], [], color="0.3", ls="-", lw=1.8, label="corr: summed margin"),
+            Line2D([], [], color="0.3", ls=":", lw=1.4, label="corr: per-token margin")]
+    _legend(fig, axes, _run_keys(runs)[:len(runs)] + keys)  # run hues; lines here are styled by margin kind
     return _save(fig, out_dir, "length.png")
 
 
@@ -363,6 +390,13 @@ img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:12px}
 .text{font-family:ui-monospace,monospace;font-size:11px;max-width:560px;word-break:break-word}
 .prompt{color:#888}.c{background:#d8f5d8}.r{background:#f8d8d8}li{margin:6px 0;line-height:1.4}"""
 
+def _displacing_runs(effects: pl.DataFrame) -> set:
+    """Runs whose mean chosen drift is negative and above noise on some probe split."""
+    rows = effects.filter((pl.col("metric") == "chosen_drift_mean") & pl.col("above_noise") &
+                          (pl.col("estimate") < 0))
+    return set(rows["run"].to_list())
+
+
 def write_report(runs, caches=None, out_dir="report", *, top=None) -> Path:
     """Render the report for `runs` (run directories) into `out_dir`; return the path of report.html.
     `top` = displaced pairs in the table and in the findings (default: findings.default_top())."""
@@ -413,6 +447,11 @@ def write_report(runs, caches=None, out_dir="report", *, top=None) -> Path:
     parts.append(f"<h2>Top {top} displaced pairs per run (chosen fell below the reference while the margin "
                  "grew)</h2>")
     if have_pairs:
+        quiet = sorted(set(disp["run"].to_list()) - _displacing_runs(effects)) if disp.height else []
+        if quiet:
+            parts.append(f"<p class=note><b>{html.escape(', '.join(quiet))}</b>: the mean chosen drift is within "
+                         "noise (see Findings), so the run as a whole shows no displacement; the pairs below "
+                         "moved by more than float rounding, not necessarily by more than chance.</p>")
         parts.append(_displaced_html(disp, _pair_texts(con, disp)))
     else:
         parts.append("<p class=note>No cache attached (pass --cache CACHE): pair text and edit distances "

@@ -100,3 +100,14 @@ def test_report_cli_falls_back_to_ids(world, tmp_path, capsys):
     assert "token ids: the tokenizer named in the cache manifest is not a loadable" in page
     assert "Run comparison" not in page
     assert all((tmp_path / "r" / p).stat().st_size > 10_000 for p in PLOTS)
+
+
+def test_report_of_a_run_that_learned_nothing(tmp_path):
+    """The findings say nothing is above noise, and the displaced-pairs table says the run as a whole shows
+    no displacement."""
+    w = make_world(tmp_path / "w", runs=(("flat", 0.1),), steps=40, probe_every=10, n_probe=24, learn=0.0)
+    page = write_report(w["runs"], out_dir=tmp_path / "rep").read_text()
+    findings = page[page.index("<h2>Findings</h2>"):page.index("<details>")]
+    assert "nothing is above noise" in findings and "Above noise" not in findings
+    assert "near-identical pairs" not in findings and "collapse alarm" not in findings
+    assert "the run as a whole shows no displacement" in page
