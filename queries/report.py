@@ -385,9 +385,11 @@ def _displaced_html(disp: pl.DataFrame, texts: dict) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 12px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}h3{font-size:14px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;
-vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+vertical-align:top;white-space:nowrap}th{background:#f4f4f4;white-space:normal}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:12px}
-.text{font-family:ui-monospace,monospace;font-size:11px;max-width:560px;word-break:break-word}
+.text{font-family:ui-monospace,monospace;font-size:11px;max-width:560px;word-break:break-word;
+white-space:normal}
 .prompt{color:#888}.c{background:#d8f5d8}.r{background:#f8d8d8}li{margin:6px 0;line-height:1.4}"""
 
 def _displacing_runs(effects: pl.DataFrame) -> set:
