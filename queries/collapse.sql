@@ -5,8 +5,10 @@
 -- How to read: one row per alarm window, per run and probe split. peak_step is the last probe before the
 -- fall; start_step the first probe that fell; alarm_step the probe at which the fall reached `min_falls`
 -- consecutive probes (when the alarm fires); end_step the last falling probe (still_falling = it is the
--- run's latest probe). chosen_reward_drop = reward at peak_step minus at end_step. A probe that falls but
--- with accuracy below min_accuracy ends the window. No rows = no alarm.
+-- run's latest probe). chosen_reward_drop = reward at peak_step minus at end_step. A probe "falls" when its
+-- mean chosen reward is below the previous probe's by more than the run's step-0 reward noise (reward_noise
+-- in view probe_noise); a probe that falls but with accuracy below min_accuracy ends the window. No rows =
+-- no alarm.
 --
 -- param: min_falls = 3 [1, ] consecutive probe-to-probe falls that raise the alarm
 -- param: min_accuracy = 0.8 [0, 1] accuracy every falling probe must reach
@@ -20,10 +22,11 @@ WITH per_probe AS (
     GROUP BY run, split, step
 ),
 flagged AS (
-    SELECT *,
-           coalesce(chosen_reward < lag(chosen_reward) OVER w AND accuracy >= $min_accuracy, false) AS falls,
+    SELECT p.*,
+           coalesce(chosen_reward < lag(chosen_reward) OVER w - z.reward_noise
+                    AND accuracy >= $min_accuracy, false) AS falls,
            max(step) OVER (PARTITION BY run, split) AS last_step
-    FROM per_probe
+    FROM per_probe p JOIN probe_noise z USING (run)
     WINDOW w AS (PARTITION BY run, split ORDER BY step)
 ),
 islands AS (

@@ -8,7 +8,7 @@
 -- run's last `tail` optimizer steps. loss/beta/lr come from each run's config.json.
 --
 -- param: step = -1 [-1, ] probe step to compare at; -1 = the last probe step common to all runs
--- param: tol = 0.001 [0, ] nats a log-prob must move to count as fallen or risen
+-- param: tol = 0.001 [0, ] nats a log-prob must move to count as fallen or risen (at least the step-0 noise)
 -- param: tail = 10 [1, ] optimizer steps averaged for final_loss / final_accuracy
 -- needs: examples
 WITH probe_steps AS (
@@ -25,13 +25,14 @@ at_step AS (
            count(*) AS n_pairs,
            avg(e.policy_chosen_logp - e.ref_chosen_logp) AS chosen_drift_mean,
            avg(e.policy_rejected_logp - e.ref_rejected_logp) AS rejected_drift_mean,
-           avg((e.policy_chosen_logp - e.ref_chosen_logp < -$tol
-                AND e.policy_rejected_logp - e.ref_rejected_logp < -$tol)::INT) AS both_down_share,
-           avg((e.policy_chosen_logp - e.ref_chosen_logp > $tol)::INT) AS chosen_up_share,
+           avg((e.policy_chosen_logp - e.ref_chosen_logp < -greatest($tol, z.drift_noise)
+                AND e.policy_rejected_logp - e.ref_rejected_logp < -greatest($tol, z.drift_noise))::INT)
+               AS both_down_share,
+           avg((e.policy_chosen_logp - e.ref_chosen_logp > greatest($tol, z.drift_noise))::INT) AS chosen_up_share,
            avg(e.margin) AS margin_mean,
            avg((e.margin > 0)::INT) AS accuracy,
            avg(e.loss) AS loss_mean
-    FROM examples e JOIN target t ON e.step = t.at_step
+    FROM examples e JOIN target t ON e.step = t.at_step JOIN probe_noise z ON z.run = e.run
     WHERE e.source = 'probe'
     GROUP BY e.run, e.split, e.step
 ),

@@ -11,6 +11,9 @@ Views (all read straight from the Parquet files, nothing is copied):
   runs           one row per run from config.json and summary.json (loss, beta, lr, cache paths, ...)
   view_sources   how many Parquet sources each view has (0 = empty view); attached: the dirs behind them
 
+plus the shared definitions in `_shared.sql`: macros token_edit_distance / rel_edit_distance / near_identical,
+the view probe_noise (step-0 float noise per run) and the table macro displaced(...).
+
 After the views are made the connection may only read files under the given directories
 (`enable_external_access = false`, `allowed_directories`) and its configuration is locked.
 `run_sql` additionally refuses any statement that is not a read (see `check_read_only`).
@@ -28,6 +31,8 @@ from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from pipeline import cache as pcache
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
 from refcache import UserError
+
+SHARED_SQL = Path(__file__).parent / "_shared.sql"  # macros and views every diagnostic uses
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.float64(): "DOUBLE",
                pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN", pa.list_(pa.int32()): "INTEGER[]",
@@ -251,6 +256,8 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
         "SELECT * FROM (VALUES " + ", ".join(f"({_lit(k)}, {_lit(n)}, {_lit(d)})" for k, n, d in attached) +
         ") AS t(kind, name, dir)" if attached else
         "SELECT NULL::VARCHAR AS kind, NULL::VARCHAR AS name, NULL::VARCHAR AS dir WHERE false"))
+
+    con.execute(SHARED_SQL.read_text())
 
     # From here on the connection reads only these directories and cannot be reconfigured.
     dirs = [str(r["dir"]) + "/" for r in run_info] + [str(c["dir"]) + "/" for c in cache_info]

@@ -1,81 +1,120 @@
-"""A few findings in plain words, read off the named diagnostics (for the demo and the report)."""
+"""Findings in plain words, read off the `effects` diagnostic: only what stands above noise is stated.
+
+Per run, on its eval probes (train probes when it has none): what is above noise (accuracy, margin, drift,
+the share of pairs whose chosen log-prob fell), and what is not; whether near-identical pairs are over- or
+under-represented among the top displaced pairs against their base rate; the reward-collapse alarm.
+A run where nothing is above noise on its eval probes gets one sentence saying so, with the numbers that
+show it (and what its train probes show above noise, if anything).
+"""
 
 import polars as pl
 
-from queries.runner import run_query
+from queries.fmt import num
+from queries.runner import get_query, run_query
+
+MAX_RUNS = 4  # runs described; more are in the tables
 
 
-def _split_rows(df: pl.DataFrame, run: str) -> pl.DataFrame:
-    """The run's rows of the eval probes if it has them, else of the train probes."""
-    rows = df.filter(pl.col("run") == run)
-    ev = rows.filter(pl.col("split") == "eval")
-    return ev if ev.height else rows
+def default_top() -> int:
+    """Displaced pairs ranked by default: the displacement diagnostic's `limit` (one number for tables and
+    findings)."""
+    return get_query("displacement").params["limit"].default
 
 
-def is_near(prefix_share, tail_tokens, near_share=0.5, near_tail=3):
-    """Near-identical: the shared prefix covers >= near_share of the shorter completion, or the pair differs
-    in <= near_tail tokens after it (the same rule as cache_overview's near_identical_share)."""
-    return (prefix_share.fill_null(0) >= near_share) | (tail_tokens.fill_null(10**9) <= near_tail)
+def _ci(r, pct=False) -> str:
+    if pct:
+        return f"[{r['ci_low']:.0%}, {r['ci_high']:.0%}]"
+    return f"[{num(r['ci_low'], 3)}, {num(r['ci_high'], 3)}]"
 
 
-def near_identical_counts(con, disp: pl.DataFrame, near_share=0.5, near_tail=3):
-    """(displaced near-identical, displaced total, near-identical share of all probe pairs) per run."""
-    out = {}
-    for run in disp["run"].unique(maintain_order=True).to_list():
-        d = disp.filter(pl.col("run") == run)
-        n_near = int(is_near(d["prefix_share"], d["tail_tokens"], near_share, near_tail).sum())
-        base = con.sql(
-            """SELECT avg(CASE WHEN p.shared_prefix_len >= $s * least(p.chosen_len, p.rejected_len)
-                                 OR greatest(p.chosen_len, p.rejected_len) - p.shared_prefix_len <= $t
-                               THEN 1.0 ELSE 0.0 END)
-               FROM (SELECT DISTINCT pair_id FROM examples WHERE source = 'probe' AND run = $run) e
-               JOIN (SELECT pair_id, any_value(shared_prefix_len) AS shared_prefix_len,
-                            any_value(chosen_len) AS chosen_len, any_value(rejected_len) AS rejected_len
-                     FROM pairs GROUP BY pair_id) p USING (pair_id)""",
-            params={"s": near_share, "t": near_tail, "run": run}).fetchall()[0][0]
-        out[run] = (n_near, d.height, base)
-    return out
+def _phrase(r) -> str:
+    """One effect row as words, e.g. 'reward accuracy 0.66 [0.534, 0.761] (chance 0.5)'."""
+    m, est = r["metric"], r["estimate"]
+    if est is None:  # a share over no pairs: nothing moved beyond the step-0 noise
+        what = {"accuracy": "margin", "chosen_fell_share": "chosen log-prob"}.get(m, m)
+        return f"no pair's {what} moved beyond the step-0 noise"
+    if m == "accuracy":
+        return f"reward accuracy {num(est, 3)} {_ci(r)} (chance 0.5; {r['n']} pairs with a margin above noise)"
+    if m == "margin_mean":
+        return f"mean margin {num(est, 3)} {_ci(r)}"
+    if m in ("chosen_drift_mean", "rejected_drift_mean"):
+        return f"mean {m.split('_')[0]} drift {num(est, 3)} nats {_ci(r)}"
+    if m == "chosen_fell_share":
+        return f"chosen fell on {est:.0%} {_ci(r, pct=True)} of the {r['n']} pairs whose chosen moved"
+    return f"{m} {num(est, 3)} {_ci(r)}"
 
 
-def findings(con, top=20, near_share=0.5, near_tail=3) -> list[str]:
-    """Two to four sentences: drift at the last probe, displacement culprits, the collapse alarm."""
-    from queries.db import view_sources
+def _split_rows(eff: pl.DataFrame, run: str, split: str) -> pl.DataFrame:
+    return eff.filter((pl.col("run") == run) & (pl.col("split") == split))
 
-    out = []
-    drift = run_query(con, "drift")
-    if drift.is_empty():
+
+def _run_sentence(run: str, rows: pl.DataFrame, other: pl.DataFrame, noise: float, z: float) -> str:
+    """What `rows` (one run, one probe split) show above noise and what they do not; when nothing is above
+    noise there, what the run's `other` split shows above noise (e.g. it fits its train pairs only)."""
+    first = rows.row(0, named=True)
+    head = (f"{run}, step {first['step']}, {rows['n'].max()} {first['split']} probe pairs ({_level(z)} intervals "
+            f"in brackets; Holm-corrected tests; step-0 float noise {num(noise, 2)} nats)")
+    above = [_phrase(r) for r in rows.iter_rows(named=True) if r["above_noise"]]
+    below = [_phrase(r) for r in rows.iter_rows(named=True) if not r["above_noise"]]
+    if above:
+        return f"{head}. Above noise: " + "; ".join(above) + "." + (" Within noise: " + "; ".join(below) + "."
+                                                                    if below else "")
+    text = f"{head}: nothing is above noise. " + "; ".join(below) + "."
+    other_above = [_phrase(r) for r in other.iter_rows(named=True) if r["above_noise"]]
+    if other_above:
+        o = other.row(0, named=True)
+        text += (f" On its {other['n'].max()} {o['split']} probe pairs, above noise: " + "; ".join(other_above) +
+                 ".")
+    return text
+
+
+def _level(z: float) -> str:
+    from math import erf, sqrt
+
+    return f"{erf(z / sqrt(2)):.0%}"
+
+
+def _near_sentence(r) -> str:
+    k = round(r["estimate"] * r["n"])
+    more = r["estimate"] > r["null_value"]
+    verdict = ("over-represented: they lead the displacement" if more else
+               "under-represented: they do not lead the displacement")
+    return (f"{r['run']}: near-identical pairs (relative token edit distance <= 0.1) are {k} of the top {r['n']} "
+            f"displaced pairs ({r['estimate']:.0%} {_ci(r, pct=True)}) against {r['null_value']:.0%} of all its probe "
+            f"pairs: {verdict}.")
+
+
+def findings(con, top=None, z=None) -> list[str]:
+    """Sentences about the runs behind `con`; `top` = displaced pairs compared (default: default_top())."""
+    top = top or default_top()
+    params = {"top": top} | ({"z": z} if z is not None else {})
+    eff = run_query(con, "effects", params)
+    if eff.is_empty():
         return ["no probe rows in the run logs yet: nothing to diagnose"]
-    runs = drift["run"].unique(maintain_order=True).to_list()
-    for run in runs[:4]:
-        rows = _split_rows(drift, run).sort("step")
-        last = rows.row(-1, named=True)
-        out.append(
-            f"{run}: by step {last['step']}, chosen log-prob fell below the reference on "
-            f"{last['chosen_down_share']:.0%} of {last['split']} probe pairs (chosen and rejected both fell on "
-            f"{last['both_down_share']:.0%}; mean chosen drift {last['chosen_drift_mean']:+.2f} nats) while "
-            f"reward accuracy reached {last['accuracy']:.2f} (mean margin {last['margin_mean']:.2f}).")
-    if view_sources(con).get("pairs"):
-        disp = run_query(con, "displacement", {"limit": top})
-        counts = near_identical_counts(con, disp, near_share, near_tail)
-        for run, (n_near, n, base) in list(counts.items())[:4]:
-            if n:
-                out.append(
-                    f"{run}: near-identical pairs (differing in <= {near_tail} tokens after a shared prefix, or "
-                    f"sharing >= {near_share:.0%} of the shorter completion) are {n_near} of the top {n} displaced "
-                    f"pairs (chosen fell below the reference while the margin grew), and {(base or 0):.0%} of "
-                    "all probe pairs.")
+    z = get_query("effects").params["z"].default if z is None else z
+    noise = dict(con.sql("SELECT run, drift_noise FROM probe_noise").fetchall())
+    out = []
+    runs = eff["run"].unique(maintain_order=True).to_list()
+    for run in runs[:MAX_RUNS]:
+        ev, tr = _split_rows(eff, run, "eval"), _split_rows(eff, run, "train")
+        rows, other = (ev, tr) if ev.height else (tr, ev)
+        if rows.height:
+            out.append(_run_sentence(run, rows, other, noise.get(run, 0.0), z))
+        near = eff.filter((pl.col("run") == run) & (pl.col("metric") == "near_identical_in_top")
+                          & pl.col("above_noise"))
+        if near.height:
+            out.append(_near_sentence(near.row(0, named=True)))
     coll = run_query(con, "collapse")
-    for run in runs[:4]:
-        rows = _split_rows(coll, run)
+    for run in runs[:MAX_RUNS]:
+        rows = coll.filter(pl.col("run") == run)
         if rows.is_empty():
             continue
         w = rows.sort("n_falls", descending=True).row(0, named=True)
         state = "and is still falling" if w["still_falling"] else f"until step {w['end_step']}"
         out.append(
             f"{run}: reward-collapse alarm on {w['split']} probes: mean chosen reward fell {w['n_falls']} "
-            f"probes in a row from step {w['start_step']} {state} (down {w['chosen_reward_drop']:.3f}) while "
-            f"accuracy stayed >= {w['min_accuracy']:.2f}.")
-    if coll.is_empty():
-        out.append("no reward-collapse alarm: mean chosen reward never fell for 3 probes in a row "
-                   "at accuracy >= 0.8.")
+            f"probes in a row from step {w['start_step']} {state} (down {num(w['chosen_reward_drop'], 3)}) "
+            f"while accuracy stayed >= {num(w['min_accuracy'], 2)}.")
+    if len(runs) > MAX_RUNS:
+        out.append(f"(findings for the first {MAX_RUNS} of {len(runs)} runs; `refcache query effects` has all)")
     return out

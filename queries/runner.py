@@ -107,12 +107,12 @@ def parse_query(path: Path) -> Query:
 
 def list_queries() -> list[Query]:
     """All named diagnostics, sorted by name (`.name`, `.description`, `.params`)."""
-    return [parse_query(p) for p in sorted(QUERY_DIR.glob("*.sql"))]
+    return [parse_query(p) for p in sorted(QUERY_DIR.glob("*.sql")) if not p.name.startswith("_")]
 
 
 def get_query(name: str) -> Query:
     path = QUERY_DIR / f"{name}.sql"
-    if not re.fullmatch(r"\w+", name or "") or not path.exists():
+    if not re.fullmatch(r"[A-Za-z0-9]\w*", name or "") or not path.exists():
         names = [q.name for q in list_queries()]
         close = difflib.get_close_matches(name or "", names, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""

@@ -4,11 +4,14 @@ Used by the tests (small logs whose diagnostics can be checked by hand) and by `
 (10 million example rows). No model is involved: token ids and log-probs are random numbers shaped like
 real ones, and the policy trajectories follow a simple model with the failure modes the diagnostics look for:
 
-- near-identical pairs (long shared prefix) see their chosen log-prob fall while the margin grows
-  (likelihood displacement);
+- near-identical pairs (32+ tokens, all but the last one or two shared) see their chosen log-prob fall while
+  the margin grows (likelihood displacement);
 - after `collapse_at` (a fraction of training) every chosen log-prob keeps falling while accuracy stays high
   (reward collapse);
 - the margin grows with the length difference (length exploitation).
+
+Step-0 probes carry float-sized noise (`noise0`), as real ones do. `learn=0` writes a run that learned
+nothing: every later log-prob moves only by symmetric per-pair noise.
 """
 
 import hashlib
@@ -43,7 +46,10 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
     chosen_len = rng.integers(4, max_len, n_pairs)
     rejected_len = rng.integers(4, max_len, n_pairs)
     near = rng.random(n_pairs) < near_share
-    # near-identical pairs: same length give or take one token, all but the last 1-2 tokens shared
+    # near-identical pairs: 32+ tokens (half of max_len), same length give or take one token, all but the last
+    # 1-2 tokens shared, so at most 3 of 32 tokens differ (queries' near_identical: relative edit distance <= 0.1)
+    long = np.random.default_rng(seed + 7).integers(max_len // 2, max_len, n_pairs)
+    chosen_len = np.where(near, long, chosen_len)
     rejected_len = np.where(near, chosen_len + rng.integers(-1, 2, n_pairs), rejected_len).clip(2)
     shared = np.where(near, np.minimum(chosen_len, rejected_len) - rng.integers(1, 3, n_pairs),
                       rng.integers(0, 3, n_pairs))
@@ -120,12 +126,13 @@ def _probe_drift(t, near, ldiff, u, v, collapse_at):
 
 
 def make_run(out, train_pairs, eval_pairs=None, *, name=None, beta=0.1, loss="sigmoid", lr=5e-6, steps=200,
-             batch_size=8, probe_every=10, n_probe=32, seed=0, collapse_at=0.6, noise=0.3,
-             steps_per_file=None, cache_paths=(None, None)):
+             batch_size=8, probe_every=10, n_probe=32, seed=0, collapse_at=0.6, noise=0.3, noise0=1e-6,
+             learn=1.0, steps_per_file=None, cache_paths=(None, None)):
     """Write a stage-2-shaped run directory at `out` from cache tables `train_pairs` (and `eval_pairs`).
 
     Probes: the first `n_probe` pairs of each cache at steps 0, probe_every, ..., steps (scored after s
-    updates; step 0 = all rewards 0). Train rows: `batch_size` random train pairs per step 0..steps-1.
+    updates; step 0 = the reference: rewards are float noise of size `noise0`). Train rows: `batch_size` random
+    train pairs per step 0..steps-1. `learn` scales the systematic drift (0 = none: only `noise` per pair).
     Returns the number of example rows written.
     """
     rng = np.random.default_rng(seed + 1000)
@@ -157,12 +164,12 @@ def make_run(out, train_pairs, eval_pairs=None, *, name=None, beta=0.1, loss="si
     def rows(arr, idx, step, t, source, split, zero=False):
         n = len(idx)
         if zero:
-            dc = dr = np.zeros(n)
+            dc, dr = noise0 * rng.standard_normal(n), noise0 * rng.standard_normal(n)
         else:
             dc, dr = _probe_drift(t, arr["near"][idx], arr["ldiff"][idx], arr["u"][idx], arr["v"][idx],
                                   collapse_at)
-            dc = dc + noise * rng.standard_normal(n)
-            dr = dr + noise * rng.standard_normal(n)
+            dc = learn * dc + noise * rng.standard_normal(n)
+            dr = learn * dr + noise * rng.standard_normal(n)
         cr, rr = beta * dc, beta * dr
         margin = cr - rr
         return {

@@ -6,6 +6,7 @@
 4. print the key diagnostics as tables, write the HTML report (stage 3), and say what they found
 """
 
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def run(args) -> int:
     from pipeline.verify import verify
     from queries import findings, run_query
     from queries.db import connect
+    from queries.fmt import render_table
     from queries.report import write_report
 
     out = Path(args.out)
@@ -73,21 +75,23 @@ def run(args) -> int:
     shown = {  # diagnostic -> (params, columns printed; `refcache query NAME --run ...` shows them all)
         "drift": ({}, ["split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share",
                        "margin_mean", "accuracy"]),
-        "displacement": ({"limit": 8}, ["rank", "split", "chosen_drift", "margin", "shared_prefix_len",
-                                        "chosen_len", "rejected_len"]),
+        "displacement": ({"limit": 8}, ["rank", "split", "chosen_drift", "rejected_drift", "margin_gain",
+                                        "edit_distance", "rel_edit", "near_identical", "length_diff"]),
         "collapse": ({}, None),
         "length": ({}, ["split", "step", "corr_summed", "corr_per_token"]),
+        "effects": ({}, ["split", "metric", "above_noise", "estimate", "ci_low", "ci_high", "null_value"]),
     }
-    with pl.Config(tbl_rows=12, tbl_cols=-1, tbl_width_chars=160, fmt_str_lengths=48, tbl_hide_dataframe_shape=True):
-        for name, (params, cols) in shown.items():
-            df = run_query(con, name, params)
-            if "split" in df.columns and name in ("drift", "length"):
-                df = df.filter(pl.col("split") == "eval")
-            print(f"\n-- {name} (eval probes)" if name in ("drift", "length") else f"\n-- {name}")
-            if df.is_empty():
-                print("(no rows: nothing detected)")
-            else:
-                print(df.select([c for c in cols if c in df.columns]) if cols else df)
+    width = shutil.get_terminal_size((120, 40)).columns
+    for name, (params, cols) in shown.items():
+        df = run_query(con, name, params)
+        if "split" in df.columns and name in ("drift", "length"):
+            df = df.filter(pl.col("split") == "eval")
+        print(f"\n-- {name} (eval probes)" if name in ("drift", "length") else f"\n-- {name}")
+        if df.is_empty():
+            print("(no rows: nothing detected)")
+        else:
+            print(render_table(df.select([c for c in cols if c in df.columns]) if cols else df, width=width,
+                               max_rows=12, more_hint=f"all of it: refcache query {name} --run {run_dir}"), end="")
     report_path = write_report([run_dir], caches=[caches["train"], caches["eval"]], out_dir=out / "report")
 
     _banner(f"done in {time.time() - t0:.0f} s")

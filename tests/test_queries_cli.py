@@ -48,7 +48,8 @@ def tree_digest(*dirs) -> dict:
 def test_list_and_formats(world, capsys, tmp_path):
     rc, out = run_cli(["query"], capsys)
     assert rc == 0
-    for name in ("drift", "displacement", "collapse", "length", "compare", "cache_overview", "train_eval_gap"):
+    for name in ("drift", "displacement", "collapse", "length", "compare", "cache_overview", "train_eval_gap",
+                 "effects"):
         assert f"\n{name} " in "\n" + out
     assert "--param min_falls=3" in out
 
@@ -70,6 +71,101 @@ def test_list_and_formats(world, capsys, tmp_path):
     rc, out = run_cli(["sql", "SELECT split, count(*) AS n FROM examples GROUP BY split ORDER BY split",
                        "--run", run, "--format", "csv"], capsys)
     assert out.splitlines()[0] == "split,n" and len(out.splitlines()) == 3
+
+
+def test_flags_before_or_after_the_name(world, capsys, tmp_path):
+    run = world["runs"][0]
+    want = run_cli(["query", "drift", "--run", run, "--format", "csv"], capsys)[1]
+    assert want.startswith("run,split,step")
+    assert run_cli(["query", "--run", run, "drift", "--format", "csv"], capsys)[1] == want
+    assert run_cli(["query", "--format", "csv", "--run", run, "drift"], capsys)[1] == want
+    a = run_cli(["query", "collapse", "--run", run, "--param", "min_falls=2", "--format", "csv"], capsys)[1]
+    b = run_cli(["query", "--param", "min_falls=2", "collapse", "--run", run, "--format", "csv"], capsys)[1]
+    assert a == b and len(a.splitlines()) > 1
+    sql = "SELECT count(*) AS n FROM steps"
+    assert run_cli(["sql", "--run", run, sql, "--format", "csv"], capsys)[1] == \
+        run_cli(["sql", sql, "--run", run, "--format", "csv"], capsys)[1] == "n\n60\n"
+    assert "give one SQL statement" in error_of(["sql", "--run", run], capsys)
+    # report: a run written after --cache is still the run
+    rc, _ = run_cli(["report", "--cache", world["cache"], world["eval_cache"], run, "--out", tmp_path / "r"],
+                    capsys)
+    assert rc == 0 and (tmp_path / "r" / "report.html").exists()
+    # a run directory that happens to be named like a query stays a run
+    named = tmp_path / "drift"
+    shutil.copytree(run, named)
+    assert "\ndrift " in "\n" + run_cli(["query", "--run", named], capsys)[1]  # no NAME: the list
+
+
+def table_lines(out: str) -> list:
+    """The table part of a `--format table` output (before the row count)."""
+    lines = out.splitlines()
+    return lines[: next(i for i, ln in enumerate(lines) if ln.endswith((" rows", " row")))]
+
+
+def test_table_fits_the_terminal(world, capsys, monkeypatch):
+    run = world["runs"][0]
+    monkeypatch.setenv("COLUMNS", "80")
+    _, out = run_cli(["query", "drift", "--run", run], capsys)
+    assert max(len(ln) for ln in table_lines(out)) <= 80
+    assert table_lines(out)[0].split()[:5] == ["run", "split", "step", "n_pairs", "chosen_drift_mean"]
+    assert "columns not shown" in out and "rejected_drift_p90" in out and "--columns" in out
+    assert "--format csv" in out
+    _, out = run_cli(["query", "drift", "--run", run, "--columns", "step,accuracy,both_down_share"], capsys)
+    assert table_lines(out)[0].split() == ["step", "accuracy", "both_down_share"] and "not shown" not in out
+    assert "no column 'acc'" in error_of(["query", "drift", "--run", run, "--columns", "step,acc"], capsys)
+    # a few wide rows: one line per column instead of a cut
+    _, out = run_cli(["sql", "SELECT * FROM runs", "--run", run], capsys)
+    assert max(len(ln) for ln in table_lines(out)) <= 80 and "not shown" not in out
+    assert any(ln.split()[:2] == ["lr", "5e-06"] for ln in table_lines(out))
+    monkeypatch.setenv("COLUMNS", "400")
+    _, out = run_cli(["query", "drift", "--run", run], capsys)
+    assert "not shown" not in out and "rejected_drift_p90" in table_lines(out)[0]
+
+
+def test_numbers_by_magnitude(world, capsys):
+    run = world["runs"][0]
+    sql = ("SELECT 1e-6 AS lr, 2400.0 AS n_float, 2400 AS n_int, 0.59375 AS acc, -18.146067 AS d, "
+           "2.86e-06 AS noise, 0.1 AS beta")
+    _, out = run_cli(["sql", sql, "--run", run], capsys)
+    _, _, row = table_lines(out)
+    assert row.split() == ["1e-06", "2400", "2400", "0.5938", "-18.15", "2.86e-06", "0.1"], row
+    from queries.fmt import format_column, num
+
+    assert [num(x) for x in (1e-6, 5e-4, 2400.0, 0.0, 123456.7, 1234567.0, float("nan"), None)] == \
+        ["1e-06", "0.0005", "2400", "0", "123457", "1234567", "NaN", "null"]
+    assert format_column([0.1, 0.25, 2.0]) == ["0.10", "0.25", "2"]  # aligned decimals, integers as integers
+    assert format_column([1.5, -18.146, 0.00001]) == ["1.5", "-18.15", "1e-05"]  # never a non-zero as 0.00
+
+
+def test_cut_result_says_how_to_see_all(world, capsys, tmp_path):
+    run = world["runs"][0]
+    sql = "SELECT range AS i FROM range(100)"
+    _, out = run_cli(["sql", sql, "--run", run], capsys)
+    assert len(table_lines(out)) == 2 + 60
+    assert "showing the first 60 of 100 rows; all rows: --max-rows 0" in out
+    _, out = run_cli(["sql", sql, "--run", run, "--max-rows", "0"], capsys)
+    assert len(table_lines(out)) == 2 + 100 and "note" not in out
+    _, out = run_cli(["sql", sql, "--run", run, "--max-rows", "5"], capsys)
+    assert len(table_lines(out)) == 2 + 5 and "first 5 of 100" in out
+    # a table written to a file keeps every row and column
+    run_cli(["query", "drift", "--run", run, "--output", tmp_path / "d.txt"], capsys)
+    text = (tmp_path / "d.txt").read_text()
+    assert "rejected_drift_p90" in text and "not shown" not in text
+    assert len(table_lines(text)) == 2 + queries.run_query(queries.connect([run]), "drift").height
+
+
+def test_help_describes_and_shows_defaults(capsys):
+    from refcache.cli import build_parser
+
+    parser = build_parser()
+    for cmd, must in (("query", ["diagnostics:", "effects", "(default: table)", "(default: 60)"]),
+                      ("sql", ["read-only", "near_identical", "(default: table)"]),
+                      ("report", ["report.html", "TRL-style", "--top"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
+        for m in must:
+            assert m in out, (cmd, m)
 
 
 def test_cache_only_query(world, capsys):

@@ -13,6 +13,14 @@ from queries.report import write_report
 train_mod = pytest.importorskip("dpo.train", reason="stage 2 (dpo.train) not built yet")
 
 
+def _train(train_cache, eval_cache, out, lr, probe_size=32):
+    train_mod.train(train_mod.TrainConfig(
+        cache=str(train_cache), eval_cache=str(eval_cache), out=str(out), loss="sigmoid", beta=0.1, steps=8,
+        batch_size=4, probe_every=4, probe_size=probe_size, lr=lr, seed=0, checkpoint_every=0, save_final=False,
+        progress=False))
+    return out
+
+
 @pytest.fixture(scope="module")
 def real_run(request, tmp_path_factory):
     try:
@@ -20,11 +28,7 @@ def real_run(request, tmp_path_factory):
         eval_cache = request.getfixturevalue("eval_cache")
     except pytest.FixtureLookupError:
         pytest.skip("tests/conftest.py has no train_cache/eval_cache fixtures yet")
-    out = tmp_path_factory.mktemp("realrun") / "run"
-    train_mod.train(train_mod.TrainConfig(
-        cache=str(train_cache), eval_cache=str(eval_cache), out=str(out), loss="sigmoid", beta=0.1, steps=8,
-        batch_size=4, probe_every=4, probe_size=8, lr=5e-4, seed=0, checkpoint_every=0, save_final=False,
-        progress=False))
+    out = _train(train_cache, eval_cache, tmp_path_factory.mktemp("realrun") / "run", lr=5e-4)
     return {"run": out, "cache": train_cache, "eval_cache": eval_cache}
 
 
@@ -61,3 +65,43 @@ def test_real_run_every_diagnostic_answers(real_run, tmp_path):
     assert disp["shared_prefix_len"].null_count() == 0  # every probe pair found in the caches
     page = write_report([real_run["run"]], out_dir=tmp_path / "rep").read_text()
     assert "decoded with the cache's tokenizer" in page
+
+
+def _levenshtein(a, b) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def test_near_identical_base_rate_on_embedded_data(real_run):
+    """The near-identical rule (relative token edit distance <= 0.1) on the embedded pairs: the SQL macro
+    agrees with a plain edit distance, and its base rate is far below the old prefix rule's."""
+    con = queries.connect([real_run["run"]])
+    got = con.sql("SELECT cache, avg(near_identical(chosen_ids, rejected_ids)::INT) FROM pairs GROUP BY cache "
+                  "ORDER BY cache").fetchall()
+    for cache, rate in got:
+        p = pl.read_parquet(real_run[{"train": "cache", "eval": "eval_cache"}[cache]] / "part-*.parquet")
+        rel = [_levenshtein(a, b) / max(len(a), len(b)) for a, b in zip(p["chosen_ids"], p["rejected_ids"])]
+        assert rate == pytest.approx(sum(r <= 0.1 for r in rel) / len(rel))
+        shorter = p.select(pl.min_horizontal("chosen_len", "rejected_len")).to_series()
+        longer = p.select(pl.max_horizontal("chosen_len", "rejected_len")).to_series()
+        old = ((p["shared_prefix_len"] >= 0.5 * shorter) | (longer - p["shared_prefix_len"] <= 3)).mean()
+        assert rate < 0.3 and old > 0.7, (cache, rate, old)
+
+
+def test_noise_rule_on_real_runs(real_run, tmp_path):
+    """A real run that learns shows effects above noise; one whose policy never moves (lr 0: every probe is
+    the reference up to float rounding) shows none, and its findings say so."""
+    eff = queries.run_query(queries.connect([real_run["run"]]), "effects")
+    assert eff.filter(pl.col("metric").str.ends_with("drift_mean"))["above_noise"].any()
+    still = _train(real_run["cache"], real_run["eval_cache"], tmp_path / "still", lr=0.0)
+    con = queries.connect([still])
+    eff = queries.run_query(con, "effects")
+    assert eff.height >= 8 and not eff["above_noise"].any()
+    lines = queries.findings(con)
+    assert len(lines) == 1 and "nothing is above noise" in lines[0]
+    assert queries.run_query(con, "length").filter(pl.col("corr_summed").is_not_null()).is_empty()

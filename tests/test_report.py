@@ -3,6 +3,7 @@ displaced pairs with their text, decoded with the tokenizer the cache manifest n
 
 import argparse
 import base64
+import html
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ from queries import cli
 from queries.report import write_report
 from queries.synth import make_world
 
-PLOTS = ["drift.png", "shares.png", "margin_accuracy.png", "length.png", "loss.png"]
+PLOTS = ["steps.png", "drift.png", "shares.png", "margin_accuracy.png", "length.png"]
 
 
 def png_size(data: bytes):
@@ -55,9 +56,12 @@ def test_report_html_and_plots(world, tmp_path):
         w, h = png_size(data)
         assert w >= 1000 and h >= 300
     assert "src='http" not in page and "<script" not in page
-    # the findings and the collapse table
-    for line in queries.findings(queries.connect(world["runs"])):
-        assert line.split(":")[0] in page
+    # the findings (sized by the same top as the table), the tests behind them, and the collapse table
+    lines = queries.findings(queries.connect(world["runs"]), top=5)
+    for line in lines:
+        assert html.escape(line) in page
+    assert any("of the top 5 displaced pairs" in s for s in lines) and "Top 5 displaced pairs" in page
+    assert "near_identical_in_top" in page and "above_noise" in page
     assert "Reward-collapse alarm windows" in page and "alarm_step" in page
     # the top displaced pairs, with text decoded by the manifest's tokenizer
     disp = queries.run_query(queries.connect(world["runs"]), "displacement", {"limit": 5})
@@ -69,6 +73,14 @@ def test_report_html_and_plots(world, tmp_path):
     tail = " ".join(f"w{i}" for i in ids[k:])[:60]
     assert tail in page and "decoded with the cache's tokenizer" in page
     assert "Run comparison" in page  # two runs: compare table
+    # the default top is one number: displacement's limit, for the table and the findings alike
+    page = write_report(world["runs"], out_dir=tmp_path / "rep15").read_text()
+    assert "Top 15 displaced pairs" in page and "of the top 15 displaced pairs" in page
+    # numbers read as numbers: lr by magnitude, beta without trailing zeros, steps as an integer
+    runs = page[page.index("<h2>Runs</h2>"):page.index("<h2>Findings</h2>")]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", runs)
+    assert "5e-06" in cells and "0.1" in cells and "80" in cells  # lr by magnitude, beta, steps as integer
+    assert not any(c.endswith(".0000") for c in cells)
 
 
 def test_report_cli_falls_back_to_ids(world, tmp_path, capsys):
@@ -88,3 +100,14 @@ def test_report_cli_falls_back_to_ids(world, tmp_path, capsys):
     assert "token ids: the tokenizer named in the cache manifest is not a loadable" in page
     assert "Run comparison" not in page
     assert all((tmp_path / "r" / p).stat().st_size > 10_000 for p in PLOTS)
+
+
+def test_report_of_a_run_that_learned_nothing(tmp_path):
+    """The findings say nothing is above noise, and the displaced-pairs table says the run as a whole shows
+    no displacement."""
+    w = make_world(tmp_path / "w", runs=(("flat", 0.1),), steps=40, probe_every=10, n_probe=24, learn=0.0)
+    page = write_report(w["runs"], out_dir=tmp_path / "rep").read_text()
+    findings = page[page.index("<h2>Findings</h2>"):page.index("<details>")]
+    assert "nothing is above noise" in findings and "Above noise" not in findings
+    assert "near-identical pairs" not in findings and "collapse alarm" not in findings
+    assert "the run as a whole shows no displacement" in page
