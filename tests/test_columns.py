@@ -108,11 +108,11 @@ def test_jsonl_columns_typed_by_one_rule_and_every_part_has_them(tmp_path, tiny_
     assert pl.read_parquet(out / "part-*.parquet").sort("source_index")["late"].to_list()[-1] == "only in the last part"
 
 
-def write_csv(path, rows, extra_cols):
+def write_csv(path, rows, extra_cols, header=("prompt", "chosen", "rejected")):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         cols = ["prompt", "chosen", "rejected"] + list(extra_cols[0])
-        w.writerow(cols)
+        w.writerow([*header, *cols[3:]])
         for r, e in zip(rows, extra_cols):
             w.writerow([json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in cols[:3]] + list(e.values()))
 
@@ -123,9 +123,10 @@ def test_csv_cells_typed_by_the_prescan(tmp_path, tiny_model_dir, scorer, prefs_
               "zip": ["007", "12", "13", "14", "15", "16"][i], "ok": ["TRUE", "false", "", "True", "false", "FALSE"][i],
               "note": ["", "x", "", "y", "", "z"][i]} for i, r in enumerate(rows)]
     data = tmp_path / "pairs.csv"
-    write_csv(data, rows, extra)
+    write_csv(data, rows, extra, header=("question", "good", "bad"))  # mapped columns are not kept twice
     out = tmp_path / "cache"
-    build(data, tiny_model_dir, out, scorer, part_size=4)
+    build(data, tiny_model_dir, out, scorer, part_size=4,
+          columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
     types = {c["name"]: c["type"] for c in read_manifest(out)["extra_columns"]}
     assert types == {"category": "string", "n": "int64", "score": "float64", "zip": "string", "ok": "bool",
                      "note": "string"}
