@@ -2,20 +2,26 @@
 
     CACHE/part-00000.parquet      chunk k of the input (rows k*part_size ..), zstd, written atomically;
                                   key-value metadata b"refcache": the cache identity + this part's row
-                                  counts and rejected rows (so each part is a self-contained unit of work)
-    CACHE/_written-I-of-N.jsonl   shard I/N's log: {file, bytes, sha256} of each part, appended before the part
-                                  is renamed into place (a resumed run reuses a part only if its sha256 is on
-                                  record, so a part damaged after it was written is recomputed, never blessed)
-    CACHE/_shard-I-of-N.json      written by each finished shard: settings fingerprint, total rows read
+                                  counts and rejected rows (so each part is a self-contained unit of work).
+                                  Every part has the same schema (pipeline.schema.part_schema)
     CACHE/manifest.json           written by merge once every part is present and valid: the part list with
                                   each part's bytes and sha256
-    CACHE/rejected_rows.parquet   source_index, source_file, reason (merged from the parts)
-    CACHE/_sums.json              memo for readers: each part's sha256 with the file's size, inode, mtime and
+    CACHE/__refcache__/           refcache's own files, out of the parts' glob (SIDE):
+      rejected_rows.parquet       source_index, source_file, reason (merged from the parts)
+      _written-I-of-N.jsonl       shard I/N's log: {file, bytes, sha256} of each part, appended before the part
+                                  is renamed into place (a resumed run reuses a part only if its sha256 is on
+                                  record, so a part damaged after it was written is recomputed, never blessed)
+      _shard-I-of-N.json          written by each finished shard: settings fingerprint, total rows read
+      _sums.json                  memo for readers: each part's sha256 with the file's size, inode, mtime and
                                   ctime when it was hashed (see `check_parts`)
     CACHE/.refcache-lock-*        held while a shard (one lock per shard) or merge writes (refcache.lock)
 
+So `CACHE/*.parquet` (Polars, DuckDB) is exactly the kept pairs. A schema-version-1 cache keeps the files of
+__refcache__/ at the top level; readers and merge look there too (`side_dir`, `_side_files`).
+
 Readers: `read_manifest(cache_dir)`, `check_parts(cache_dir)` (the manifest's part files, each checked before
-use), `load_table(cache_dir, columns=None)`. Training, verify and the DuckDB views all read through these.
+use), `load_table(cache_dir, columns=None)`, `rejected_path(cache_dir, manifest)`. Training, verify and the
+DuckDB views all read through these.
 """
 
 import glob
@@ -33,13 +39,21 @@ import pyarrow.parquet as pq
 
 import refcache
 from pipeline.fingerprint import file_sha256
-from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
+from pipeline.schema import (
+    READABLE_VERSIONS,
+    REJECTED_SCHEMA,
+    SCHEMA_VERSION,
+    V2_COLUMNS,
+    part_schema,
+)
 from refcache import UserError
 from refcache.lock import DirLock
 
 META_KEY = b"refcache"
 PART_RE = re.compile(r"part-\d{5,}\.parquet")
+SIDE = "__refcache__"  # a "__" folder: `datasets` skips it, as pyarrow.dataset and Spark skip "_" names
 SUMS_MEMO = "_sums.json"
+REJECTED_FILE = "rejected_rows.parquet"
 # A memo entry is trusted only for a file whose ctime is this much older than the entry: a change in the same
 # clock tick as the hashing (file timestamps are coarse, up to 2 s on some filesystems) could keep every stat
 # field; so a part written just before its sum was taken is hashed again on every read.
@@ -50,12 +64,35 @@ def part_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
+def side_dir(cache_dir, version=SCHEMA_VERSION) -> Path:
+    """Where a cache of this schema version keeps rejected rows and bookkeeping (version 1: the top level)."""
+    return Path(cache_dir) / SIDE if version != 1 else Path(cache_dir)
+
+
 def shard_name(i: int, n: int) -> str:
-    return f"_shard-{i}-of-{n}.json"
+    """Shard I/N's manifest, relative to the cache directory."""
+    return f"{SIDE}/_shard-{i}-of-{n}.json"
 
 
 def written_log(i: int, n: int) -> str:
-    return f"_written-{i}-of-{n}.jsonl"
+    """Shard I/N's write log, relative to the cache directory."""
+    return f"{SIDE}/_written-{i}-of-{n}.jsonl"
+
+
+def _side_files(cache_dir: Path, pattern: str) -> list[Path]:
+    """Bookkeeping files matching `pattern`: in __refcache__/, and at the top level (version-1 caches)."""
+    return sorted(Path(cache_dir).glob(pattern)) + sorted((Path(cache_dir) / SIDE).glob(pattern))
+
+
+def rejected_path(cache_dir, manifest: dict) -> Path:
+    """The cache's rejected_rows.parquet (top level in a version-1 cache)."""
+    return side_dir(cache_dir, manifest.get("schema_version")) / REJECTED_FILE
+
+
+def remove_temp_files(cache_dir):
+    """Temp files a killed writer left (atomic_write names them .NAME.PID.tmp, next to their target)."""
+    for tmp in [*Path(cache_dir).glob(".*.tmp"), *(Path(cache_dir) / SIDE).glob(".*.tmp")]:
+        tmp.unlink(missing_ok=True)
 
 
 def settings_fingerprint(settings: dict) -> str:
@@ -76,6 +113,7 @@ def atomic_write(path: Path, write, before_rename=None):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(exist_ok=True)  # __refcache__/ on its first file
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -103,11 +141,14 @@ def _list_array(arrays, value_type):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def part_table(tokenized, chosen_logps, rejected_logps) -> pa.Table:
-    """Rows of one part (tokenized pairs in source order, with their per-token log-probs)."""
+def part_table(tokenized, chosen_logps, rejected_logps, extra_columns=(), ches=None, ln_ches=None) -> pa.Table:
+    """Rows of one part (tokenized pairs in source order, with their per-token log-probs). `extra_columns` are
+    the manifest's records of the input columns kept (each pair's values in `t.pair.extra`); `ches` and
+    `ln_ches` one float per pair, or None where the backend did not compute them (null)."""
     i32 = pa.int32()
     cl = [np.asarray(a, dtype=np.float32) for a in chosen_logps]
     rl = [np.asarray(a, dtype=np.float32) for a in rejected_logps]
+    n = len(tokenized)
     cols = {
         "pair_id": pa.array([t.pair.pair_id for t in tokenized], pa.string()),
         "source_index": pa.array([t.pair.index for t in tokenized], pa.int64()),
@@ -123,8 +164,13 @@ def part_table(tokenized, chosen_logps, rejected_logps) -> pa.Table:
         "rejected_len": pa.array([len(t.rejected_ids) for t in tokenized], i32),
         "shared_prefix_len": pa.array([t.shared_prefix_len for t in tokenized], i32),
         "truncated": pa.array([t.truncated for t in tokenized], pa.bool_()),
+        "ches": pa.array([None] * n if ches is None else ches, pa.float64()),
+        "ln_ches": pa.array([None] * n if ln_ches is None else ln_ches, pa.float64()),
     }
-    return pa.Table.from_pydict(cols, schema=CACHE_SCHEMA)
+    schema = part_schema(extra_columns)
+    for c in extra_columns:
+        cols[c["name"]] = pa.array([t.pair.extra.get(c["name"]) for t in tokenized], schema.field(c["name"]).type)
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def write_part(cache_dir: Path, k: int, table: pa.Table, meta: dict, log: str):
@@ -140,6 +186,7 @@ def write_part(cache_dir: Path, k: int, table: pa.Table, meta: dict, log: str):
 def _append_line(path: Path, record: dict):
     """Append one JSON line, durably; after a line cut off by a kill, on a line of its own."""
     try:
+        path.parent.mkdir(exist_ok=True)
         with open(path, "a+b") as fh:
             cut = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
             fh.write((b"\n" if cut else b"") + json.dumps(record).encode() + b"\n")
@@ -154,7 +201,7 @@ def recorded_sums(cache_dir: Path) -> dict[str, set]:
     cache built before the logs, or copied without them), the manifest's sha256."""
     cache_dir = Path(cache_dir)
     out = defaultdict(set)
-    for log in sorted(cache_dir.glob("_written-*.jsonl")):
+    for log in _side_files(cache_dir, "_written-*.jsonl"):
         try:
             lines = log.read_text().splitlines()
         except OSError:
@@ -203,10 +250,10 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     """Refuse to add to a cache made with other settings (checks manifest, shard manifests, parts)."""
     cache_dir = Path(cache_dir)
     found = []
-    for f in [cache_dir / "manifest.json", *sorted(cache_dir.glob("_shard-*.json"))]:
+    for f in [cache_dir / "manifest.json", *_side_files(cache_dir, "_shard-*.json")]:
         m = read_json(f)
         if m is not None:
-            found.append((f.name, m.get("fingerprint"), m.get("settings", {})))
+            found.append((f.relative_to(cache_dir), m.get("fingerprint"), m.get("settings", {})))
     for f in sorted(cache_dir.glob("part-*.parquet"))[:1]:
         m = part_meta(f)
         if m:
@@ -274,7 +321,7 @@ def merge_unless_merging(cache_dir) -> dict | None:
 
 def _merge(cache_dir: Path) -> dict:
     shards = []
-    for f in sorted(cache_dir.glob("_shard-*.json")):
+    for f in _side_files(cache_dir, "_shard-*.json"):
         m = read_json(f)
         if m is None:
             raise UserError(f"{f}: unreadable shard manifest; re-run that shard")
@@ -285,6 +332,7 @@ def _merge(cache_dir: Path) -> dict:
     if len(fps) > 1:
         raise UserError(f"{cache_dir}: shard manifests disagree on settings; the shards were run differently")
     first = shards[0]
+    version = first["settings"].get("schema_version", 1)  # a version-1 cache stays one (layout, columns)
     num_chunks, rows_read = first["num_chunks"], first["rows_read"]
     if any(s["num_chunks"] != num_chunks or s["rows_read"] != rows_read for s in shards):
         raise UserError(f"{cache_dir}: shard manifests disagree on the input's size; was the input changed?")
@@ -323,12 +371,13 @@ def _merge(cache_dir: Path) -> dict:
     rej = pa.table({"source_index": pa.array([r[0] for r in rejected], pa.int64()),
                     "source_file": pa.array([r[1] for r in rejected], pa.string()),
                     "reason": pa.array([r[2] for r in rejected], pa.string())}, schema=REJECTED_SCHEMA)
-    atomic_write(cache_dir / "rejected_rows.parquet", lambda tmp: pq.write_table(rej, tmp, compression="zstd"))
+    rej_path = side_dir(cache_dir, version) / REJECTED_FILE
+    atomic_write(rej_path, lambda tmp: pq.write_table(rej, tmp, compression="zstd"))
 
     scored = [m for m in metas if "version" in m["identity"]["backend"]]  # parts that loaded the backend
     ident = (scored or metas or [first])[0]["identity"]
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": version,
         "refcache_version": refcache.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": first["fingerprint"],
@@ -340,12 +389,15 @@ def _merge(cache_dir: Path) -> dict:
         "shards": [{"file": part_name(k), "rows": m["part"]["rows_kept"],
                     "bytes": (cache_dir / part_name(k)).stat().st_size, "sha256": sha}
                    for k, (m, sha) in enumerate(zip(metas, sums))],
-        "rejected_rows": {"file": "rejected_rows.parquet", "rows": len(rejected)},
+        "rejected_rows": {"file": rej_path.relative_to(cache_dir).as_posix(), "rows": len(rejected)},
         "tokens": {"chosen": sum(m["part"]["chosen_tokens"] for m in metas),
                    "rejected": sum(m["part"]["rejected_tokens"] for m in metas),
                    "prompt": sum(m["part"]["prompt_tokens"] for m in metas)},
         "settings": first["settings"],
     }
+    if version != 1:  # the input's own columns (pipeline/columns.py), as every part has them
+        manifest["extra_columns"] = first["settings"]["extra_columns"]
+        manifest["skipped_columns"] = first["settings"]["skipped_columns"]
     old = read_json(cache_dir / "manifest.json")
     # re-running a finished cache: keep its manifest (and its sha256) unless something changed
     if old is None or {k: v for k, v in old.items() if k != "created"} != \
@@ -353,7 +405,7 @@ def _merge(cache_dir: Path) -> dict:
         write_json(cache_dir / "manifest.json", manifest)
     else:
         manifest = old
-    write_memo(cache_dir, memo)
+    write_memo(cache_dir, memo, version)
     return manifest
 
 
@@ -371,9 +423,12 @@ def read_manifest(cache_dir) -> dict:
     m = read_json(path)
     if m is None:
         raise UserError(f"{path}: unreadable manifest; re-run precompute or `refcache merge`")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: cache schema_version {m.get('schema_version')}, this refcache reads "
-                        f"{SCHEMA_VERSION}; re-run precompute")
+    v = m.get("schema_version")
+    if v not in READABLE_VERSIONS:
+        newer = isinstance(v, int) and v > SCHEMA_VERSION
+        raise UserError(f"{path}: cache schema_version {v}, this refcache reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; "
+                        + ("a newer refcache wrote it: upgrade refcache" if newer else "re-run precompute"))
     return m
 
 
@@ -393,18 +448,18 @@ def _hash_part(path: Path):
     return sha, (before if before == after else None)
 
 
-def write_memo(cache_dir: Path, entries: dict):
+def write_memo(cache_dir: Path, entries: dict, version=SCHEMA_VERSION):
     """Record {part file: stat key + sha256} for readers (`check_parts`). Best effort: a memo that cannot be
     written only means readers hash in full."""
     memo = {"recorded_ns": time.time_ns(), "parts": entries}
     try:
-        write_json(Path(cache_dir) / SUMS_MEMO, memo)
+        write_json(side_dir(cache_dir, version) / SUMS_MEMO, memo)
     except OSError:
         pass
 
 
-def _read_memo(cache_dir: Path) -> tuple[int, dict]:
-    m = read_json(Path(cache_dir) / SUMS_MEMO) or {}
+def _read_memo(cache_dir: Path, version) -> tuple[int, dict]:
+    m = read_json(side_dir(cache_dir, version) / SUMS_MEMO) or {}
     parts = m.get("parts")
     return (m.get("recorded_ns") or 0, parts) if isinstance(parts, dict) else (0, {})
 
@@ -431,7 +486,7 @@ def check_parts(cache_dir, manifest=None, full=False) -> list[Path]:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise UserError(f"{cache_dir / extra[0]}: a part file the manifest does not list{more}; move it out of "
                         "the cache (its pairs would be counted twice or with other settings)")
-    recorded_ns, memo = (0, {}) if full else _read_memo(cache_dir)
+    recorded_ns, memo = (0, {}) if full else _read_memo(cache_dir, m.get("schema_version"))
     paths, entries = [], {}
     for s in m["shards"]:
         path = cache_dir / s["file"]
@@ -458,22 +513,37 @@ def check_parts(cache_dir, manifest=None, full=False) -> list[Path]:
             entries[s["file"]] = {**key, "sha256": sha}
         paths.append(path)
     if full:
-        write_memo(cache_dir, entries)
+        write_memo(cache_dir, entries, m.get("schema_version"))
     return paths
+
+
+def table_schema(manifest: dict) -> pa.Schema:
+    """The columns `load_table` gives for a cache: the contract's (a version-1 cache's `ches` and `ln_ches`
+    read as null), then the input's own columns the manifest lists."""
+    return part_schema(manifest.get("extra_columns", []))
 
 
 def load_table(cache_dir, columns=None) -> pa.Table:
     """All parts listed in the manifest (each checked by `check_parts`) as one table, ordered by source_index."""
     cache_dir = Path(cache_dir)
-    want = None if columns is None else list(dict.fromkeys([*columns, "source_index"]))
+    m = read_manifest(cache_dir)
+    schema = table_schema(m)
+    unknown = [c for c in columns or () if c not in schema.names]
+    if unknown:
+        raise UserError(f"{cache_dir}: no column {unknown[0]!r} in this cache (columns: {', '.join(schema.names)})")
+    want = schema.names if columns is None else list(dict.fromkeys([*columns, "source_index"]))
+    absent = [c for c in want if m["schema_version"] == 1 and c in V2_COLUMNS]  # not in a version-1 part
     tables = []
-    for path in check_parts(cache_dir):
+    for path in check_parts(cache_dir, m):
         try:
-            tables.append(pq.read_table(path, columns=want))
+            t = pq.read_table(path, columns=[c for c in want if c not in absent])
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: unreadable part ({e}); re-run precompute") from None
-    schema = CACHE_SCHEMA if want is None else pa.schema([CACHE_SCHEMA.field(c) for c in want])
-    t = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else schema.empty_table()
+        for c in absent:
+            t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
+        tables.append(t.select(want).replace_schema_metadata(None))
+    out_schema = pa.schema([schema.field(c) for c in want])
+    t = pa.concat_tables(tables) if tables else out_schema.empty_table()
     t = t.sort_by("source_index")
     if columns is not None and "source_index" not in columns:
         t = t.drop(["source_index"])

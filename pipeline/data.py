@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from refcache import UserError
@@ -59,6 +59,7 @@ class Pair:
     chosen: str | list
     rejected: str | list
     split: str | None = None  # implicit rows: how the prompt was found, one of SPLIT_RULES
+    extra: dict = field(default_factory=dict)  # the input's own columns the cache keeps (pipeline/columns.py)
 
 
 # ---------------------------------------------------------------- sources
@@ -334,13 +335,18 @@ def _value_end(buf: str, pos: int) -> int | None:
     return None
 
 
-def _read_parquet(f: Path):
+def open_parquet(f: Path):
+    """pyarrow.parquet.ParquetFile(f), or a one-line UserError naming the file."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f)
+        return pq.ParquetFile(f)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise UserError(f"{f}: not a readable Parquet file ({e})") from None
+
+
+def _read_parquet(f: Path):
+    pf = open_parquet(f)
     for batch in pf.iter_batches(batch_size=BATCH_ROWS):
         for rec in batch.to_pylist():
             yield rec, None
@@ -420,9 +426,10 @@ def check_prompt_split(value: str) -> str:
     return marker
 
 
-def normalize(row: RawRow, columns: dict, prompt_split: str = "auto") -> Pair:
+def normalize(row: RawRow, columns: dict, prompt_split: str = "auto", extras=None) -> Pair:
     """RawRow -> Pair, or raise Reject(reason). `prompt_split` is how implicit text prompts are found:
-    'auto' (transcript markers such as HH-RLHF's, else the common prefix), 'prefix', or a marker string."""
+    'auto' (transcript markers such as HH-RLHF's, else the common prefix), 'prefix', or a marker string.
+    `extras` (pipeline.columns.ExtraColumns) says which other columns the pair carries, with what type."""
     if row.error:
         raise Reject(row.error)
     rec = row.record
@@ -453,7 +460,7 @@ def normalize(row: RawRow, columns: dict, prompt_split: str = "auto") -> Pair:
         _check_roles(p, r, rc)
     if c == r:
         raise Reject("chosen and rejected are identical")
-    return Pair(row.index, row.file, pid, kind, p, c, r, split)
+    return Pair(row.index, row.file, pid, kind, p, c, r, split, extras.values(rec) if extras else {})
 
 
 def _check_value(col, v, allow_empty):

@@ -4,7 +4,8 @@ The input is cut into fixed chunks of `part_size` rows; chunk k becomes CACHE/pa
 parts that exist, belong to the same settings and still hash to the sum recorded when they were written
 (resume after a crash or kill; a damaged part is recomputed); `shard=(i, n)` processes the chunks with
 k % n == i, so n jobs can share one cache directory, each holding its own lock. The last shard to finish (or
-the single-process run) merges: validates every part and writes manifest.json and rejected_rows.parquet.
+the single-process run) merges: validates every part and writes manifest.json and
+__refcache__/rejected_rows.parquet.
 
 A row that cannot be used (any error while reading, normalizing or tokenizing it) is rejected with its
 reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
@@ -22,6 +23,7 @@ from pathlib import Path
 import refcache
 from pipeline import cache
 from pipeline.backends import make_scorer, resolve_backend, torch_dtype
+from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
 from pipeline.dedup import SeenPairs
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
@@ -113,6 +115,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)
     data_sha = src.sha256()
+    extras, scan_seconds = scan(src, limit, progress)  # the input's own columns the cache keeps, with their types
     if scorer is not None and (scorer.dtype != dtype or Path(scorer.model_dir).resolve() != model_dir.resolve()):
         raise UserError(f"the given scorer runs {scorer.model_dir} in {scorer.dtype}, not {model_dir} in {dtype}")
     tokenizer = load_tokenizer(model_dir)
@@ -123,7 +126,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     settings = {"schema_version": SCHEMA_VERSION, "model_sha256": model_id["sha256"],
                 "tokenizer_sha256": tok_id["sha256"], "chat_template_sha256": tok_id["chat_template_sha256"],
                 "tokenization": tok_settings, "backend": name, "dtype": dtype, "dataset_sha256": data_sha,
-                "columns": src.columns, "limit": limit, "part_size": part_size}
+                "columns": src.columns, "limit": limit, "part_size": part_size,
+                "extra_columns": extras.columns, "skipped_columns": extras.skipped}
     settings["duplicates"] = "first copy kept, later copies rejected"  # pipeline/dedup.py
     fingerprint = cache.settings_fingerprint(settings)
     out = Path(out)
@@ -139,6 +143,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
                             "part_size": part_size}}
     stats = {"rows_read": 0, "rows_kept": 0, "rows_rejected": 0, "tokens": 0, "completion_tokens": 0,
              "parts_written": 0, "parts_skipped": 0, "load_seconds": 0.0, "post_seconds": 0.0, "write_seconds": 0.0,
+             "scan_seconds": round(scan_seconds, 3), "extra_columns": extras.columns,
+             "skipped_columns": extras.skipped,
              "formats": dict.fromkeys(FORMATS, 0), "split_rules": dict.fromkeys(SPLIT_RULES, 0)}
     bar = _progress(src, limit, shard_n, progress)
     own_scorer = scorer is None
@@ -196,7 +202,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
                          "formats": dict(Counter(t.pair.kind for t in kept)),
                          "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
         tw = time.time()
-        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp), meta, log)
+        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp, extras.columns), meta, log)
         stats["write_seconds"] += time.time() - tw
         stats["rows_kept"] += len(kept)
         stats["rows_rejected"] += len(rejected)
@@ -230,7 +236,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
             if row.index // part_size != k:
                 finish_chunk(k, items)
                 k, items = row.index // part_size, []
-            items.append(normalize_row(row, src.columns, prompt_split))
+            items.append(normalize_row(row, src.columns, prompt_split, extras))
         if items:
             finish_chunk(k, items)
     finally:
@@ -251,8 +257,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     complete = all((cache.read_json(p) or {}).get("fingerprint") == fingerprint for p in others)
     manifest = cache.merge_unless_merging(out) if complete else None  # None: another shard is merging
     if manifest:
-        for tmp in out.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        cache.remove_temp_files(out)
     seconds = time.time() - t0
     summary = {
         "out": str(out), "backend": name, "dtype": dtype, "shard": f"{shard_i}/{shard_n}", "complete": bool(manifest),
@@ -268,7 +273,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         part_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
         summary["cache_bytes_per_pair"] = part_bytes / max(ds["rows_kept"], 1)
         if ds["rows_kept"] == 0:
-            raise UserError(f"all {ds['rows_read']} rows were rejected; reasons are in {out}/rejected_rows.parquet")
+            raise UserError(f"all {ds['rows_read']} rows were rejected; reasons are in "
+                            f"{cache.rejected_path(out, manifest)}")
     return summary
 
 
@@ -296,10 +302,10 @@ def precompute(*args, **kwargs) -> dict:
 precompute.__doc__, precompute.__signature__ = _precompute.__doc__, inspect.signature(_precompute)
 
 
-def normalize_row(row, columns, prompt_split="auto"):
+def normalize_row(row, columns, prompt_split="auto", extras=None):
     """Pair, or (source_index, file, reason) when the row cannot be used, whatever the error."""
     try:
-        return normalize(row, columns, prompt_split)
+        return normalize(row, columns, prompt_split, extras)
     except Reject as e:
         return row.index, row.file, str(e)
     except Exception as e:  # noqa: BLE001 - one row's failure rejects that row, never the build
@@ -375,10 +381,17 @@ def format_summary(s: dict) -> str:
               f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}"),
              "kept rows by format: " + ", ".join(f"{k} {n:,}" for k, n in s["formats"].items())
              + "; implicit prompts split at: " + ", ".join(f"{k} {n:,}" for k, n in s["split_rules"].items())]
+    if s["extra_columns"]:
+        lines.append("input columns kept: " + ", ".join(
+            c["source"] + (f" as {c['name']}" if c["name"] != c["source"] else "") + f" ({c['type']})"
+            for c in s["extra_columns"]))
+    if s["skipped_columns"]:
+        lines.append("input columns not kept (not scalar): " + ", ".join(
+            f"{k} ({why})" for k, why in s["skipped_columns"].items()))
     if s.get("complete"):
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
         if s["rows_rejected"]:
-            lines.append(f"rejected rows and reasons: {s['out']}/rejected_rows.parquet")
+            lines.append(f"rejected rows and reasons: {cache.side_dir(s['out']) / cache.REJECTED_FILE}")
     else:
         lines.append(f"shard {s['shard']} done; the cache completes when every shard has run "
                      f"(the last one merges, or run `refcache merge {s['out']}`)")

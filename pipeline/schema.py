@@ -1,11 +1,18 @@
 """The stage-1 cache schema (../shared/design.md, "Stage 1 cache"). One row = one preference pair.
 
 Stage 2 and stage 3 read these names; change them only together with the contract.
+
+Schema versions (manifest `schema_version`, and each part's metadata):
+  1  the columns below up to `truncated`; rejected_rows.parquet and the bookkeeping files at the top level
+  2  adds `ches` and `ln_ches`, the input's own scalar columns after them (`extra_columns` in the manifest),
+     and moves rejected_rows.parquet and the bookkeeping files into CACHE/__refcache__/ (pipeline/cache.py)
+Readers take both: a version-1 part reads as if `ches` and `ln_ches` were null.
 """
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -23,8 +30,40 @@ CACHE_SCHEMA = pa.schema(
         ("rejected_len", pa.int32()),
         ("shared_prefix_len", pa.int32()),  # leading completion tokens chosen and rejected share
         ("truncated", pa.bool_()),
+        # CHES displacement score (Razin et al. 2024, arXiv 2410.08847) from the reference model's last-layer
+        # hidden states h over each completion's tokens: ches = <sum h+, sum h-> - ||sum h+||^2, ln_ches the
+        # same with means instead of sums. Null when the backend did not compute it. (Schema 2.)
+        ("ches", pa.float64()),
+        ("ln_ches", pa.float64()),
     ]
 )
+
+V2_COLUMNS = ("ches", "ln_ches")  # the columns schema version 2 added
+
+
+def contract_schema(version: int) -> pa.Schema:
+    """The contract's columns in a cache of this schema version (without the input's own columns)."""
+    if version == 1:
+        return pa.schema([f for f in CACHE_SCHEMA if f.name not in V2_COLUMNS])
+    return CACHE_SCHEMA
+
+
+# Columns the `pairs` view adds to each cache's columns (queries/db.py). An input column with one of these
+# names, or a cache column's name, is kept as EXTRA_PREFIX + its name (compared case-insensitively, as DuckDB
+# compares identifiers).
+PAIRS_VIEW_COLUMNS = ("cache", "length_diff")
+EXTRA_PREFIX = "input_"
+RESERVED_NAMES = frozenset(n.lower() for n in (*CACHE_SCHEMA.names, *PAIRS_VIEW_COLUMNS))
+
+# Types an input's own column can have in the cache (manifest `extra_columns[].type`), see pipeline/columns.py.
+EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
+
+
+def part_schema(extra_columns=()) -> pa.Schema:
+    """The schema of every part of a cache: the contract's columns, then the input's own columns in order.
+    `extra_columns` holds {"name", "type"} records (the manifest's `extra_columns`)."""
+    return pa.schema([*CACHE_SCHEMA, *(pa.field(c["name"], EXTRA_TYPES[c["type"]]) for c in extra_columns)])
+
 
 REJECTED_SCHEMA = pa.schema(
     [

@@ -40,12 +40,12 @@ CREATE MACRO near_identical_max() AS 0.1;
 
 CREATE MACRO near_identical(a, b) AS rel_edit_distance(a, b) <= near_identical_max();
 
-CREATE MACRO wilson_low(k, n, z) AS
-    CASE WHEN n > 0 THEN greatest(0.0, (k / n + z * z / (2 * n) - z * sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)))
+CREATE MACRO wilson_low(k, n, z) AS  -- k = 0: exactly 0 (the formula leaves ~3e-17 of rounding)
+    CASE WHEN n > 0 AND k = 0 THEN 0.0 WHEN n > 0 THEN greatest(0.0, (k / n + z * z / (2 * n) - z * sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)))
                          / (1 + z * z / n)) END;
 
-CREATE MACRO wilson_high(k, n, z) AS
-    CASE WHEN n > 0 THEN least(1.0, (k / n + z * z / (2 * n) + z * sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)))
+CREATE MACRO wilson_high(k, n, z) AS  -- k = n: exactly 1
+    CASE WHEN n > 0 AND k = n THEN 1.0 WHEN n > 0 THEN least(1.0, (k / n + z * z / (2 * n) + z * sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)))
                          / (1 + z * z / n)) END;
 
 CREATE MACRO erfc_as(t, y) AS

@@ -4,8 +4,10 @@ Views (all read straight from the Parquet files, nothing is copied):
 
   pairs          union of the parts each cache's manifest lists (checked first by pipeline.cache.check_parts:
                  a missing, extra or changed part is refused), plus `cache` (the cache dir name) and
-                 `length_diff = chosen_len - rejected_len`
-  rejected_rows  union of the caches' rejected_rows.parquet, plus `cache`
+                 `length_diff = chosen_len - rejected_len`; the input's own columns under their names
+                 (manifest `extra_columns`; null for a cache that lacks one); a schema-1 cache's `ches` and
+                 `ln_ches` are null
+  rejected_rows  union of the caches' rejected rows (__refcache__/rejected_rows.parquet), plus `cache`
   steps          union of the runs' steps.parquet, plus `run` (the run dir name)
   examples       union of the runs' examples/*.parquet, plus `run`
   runs           one row per run from config.json and summary.json (loss, beta, lr, cache paths, ...)
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from pipeline import cache as pcache
-from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
+from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, V2_COLUMNS, contract_schema
 from refcache import UserError
 
 SHARED_SQL = Path(__file__).parent / "_shared.sql"  # macros and views every diagnostic uses
@@ -164,8 +166,8 @@ def load_cache_dir(cache) -> dict:
     manifest = pcache.read_manifest(d)
     parts = pcache.check_parts(d, manifest)
     for f in parts:
-        _check_parquet(f, CACHE_SCHEMA, "cache")
-    rej = d / "rejected_rows.parquet"
+        _check_parquet(f, contract_schema(manifest["schema_version"]), "cache")
+    rej = pcache.rejected_path(d, manifest)
     if rej.exists():
         _check_parquet(rej, REJECTED_SCHEMA, "rejected-rows")
     return {"dir": d.resolve(), "parts": [f.resolve() for f in parts], "rejected": rej if rej.exists() else None,
@@ -204,7 +206,12 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     def union(selects, empty):
         return " UNION ALL BY NAME ".join(selects) if selects else empty
 
-    pairs = [f"SELECT {_lit(n)} AS cache, *, chosen_len - rejected_len AS length_diff "
+    def v1_nulls(c):  # a schema-1 cache has no ches / ln_ches: null, as load_table gives them
+        if c["manifest"]["schema_version"] != 1:
+            return ""
+        return "".join(f"NULL::DOUBLE AS {col}, " for col in V2_COLUMNS)
+
+    pairs = [f"SELECT {_lit(n)} AS cache, *, {v1_nulls(c)}chosen_len - rejected_len AS length_diff "
              f"FROM read_parquet([{', '.join(_lit(f) for f in c['parts'])}])"
              for n, c in zip(cache_names, cache_info) if c["parts"]]
     empty_pairs = (_empty_select(CACHE_SCHEMA, "cache").replace(" WHERE false", "") +

@@ -3,8 +3,11 @@
 Header format (comment lines at the top of the file):
     -- One-line description.                        (first line)
     -- param: NAME = DEFAULT [LO, HI] {a, b} help    (bounds and choices optional; DEFAULT's type is the type)
+    -- param: NAME = 'DEFAULT' @VIEW help            (a column name of VIEW, e.g. `by` of slices.sql)
     -- needs: examples, pairs                        (views that must have at least one source)
-Parameters reach DuckDB as bound values (`$NAME`), never pasted into the SQL text.
+Parameters reach DuckDB as bound values (`$NAME`), never pasted into the SQL text. The exception is a
+column-name parameter (@VIEW): identifiers cannot be bound, so its value must name a column of VIEW (looked up
+on the connection) and `$NAME` is replaced by that column's name, quoted.
 """
 
 import difflib
@@ -23,7 +26,7 @@ QUERY_DIR = Path(__file__).parent
 
 _PARAM_RE = re.compile(
     r"^--\s*param:\s*(?P<name>\w+)\s*=\s*(?P<default>'[^']*'|\S+)\s*"
-    r"(?:\[(?P<lo>[^,\]]*),(?P<hi>[^\]]*)\])?\s*(?:\{(?P<choices>[^}]*)\})?\s*(?P<help>.*)$")
+    r"(?:\[(?P<lo>[^,\]]*),(?P<hi>[^\]]*)\])?\s*(?:\{(?P<choices>[^}]*)\})?\s*(?:@(?P<view>\w+))?\s*(?P<help>.*)$")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Param:
     hi: float | None = None
     choices: list | None = None
     help: str = ""
+    column_of: str | None = None  # the value names a column of this view (substituted, not bound)
 
     def parse(self, value, query):
         """Typed, validated value from a Python value or a command-line string."""
@@ -99,7 +103,8 @@ def parse_query(path: Path) -> Query:
                 typ, default = float, float(d)
             choices = [c.strip() for c in m.group("choices").split(",")] if m.group("choices") else None
             q.params[m.group("name")] = Param(m.group("name"), default, typ, _bound(m.group("lo") or ""),
-                                              _bound(m.group("hi") or ""), choices, m.group("help").strip())
+                                              _bound(m.group("hi") or ""), choices, m.group("help").strip(),
+                                              m.group("view"))
         elif re.match(r"^--\s*needs:", line):
             q.needs = [v.strip() for v in line.split(":", 1)[1].split(",") if v.strip()]
     return q
@@ -183,7 +188,29 @@ def run_query(con, name: str, params=None) -> pl.DataFrame:
                     "examples": "run logs with examples/*.parquet: pass --run RUN",
                     "steps": "run logs with steps.parquet: pass --run RUN"}.get(view, f"the {view} view")
             raise UserError(f"query {name} needs {what}")
-    return _execute(con, q.sql, values)
+    sql = q.sql
+    for p in q.params.values():
+        if p.column_of:  # an identifier: checked against the view, then written into the SQL quoted
+            column = column_name(con, p.column_of, values.pop(p.name), f"parameter {p.name} of {name}")
+            quoted = '"' + column.replace('"', '""') + '"'
+            sql = re.sub(rf"\${p.name}\b", lambda _, quoted=quoted: quoted, sql)
+    return _execute(con, sql, values)
+
+
+def column_name(con, view: str, value: str, where: str) -> str:
+    """The column of `view` that `value` names (DuckDB compares names case-insensitively), as the view spells
+    it; a one-line UserError listing the input's own columns and the rest otherwise."""
+    from pipeline.schema import RESERVED_NAMES
+
+    names = [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+    match = [n for n in names if n.lower() == str(value).lower()]
+    if match:
+        return match[0]
+    if view != "pairs":
+        raise UserError(f"{where}: no column {value!r} in the {view} view; columns: {', '.join(names)}")
+    own = [n for n in names if n.lower() not in RESERVED_NAMES]
+    raise UserError(f"{where}: no column {value!r} in the pairs view; the input's own columns: "
+                    f"{', '.join(own) or 'none'}; other columns: {', '.join(n for n in names if n not in own)}")
 
 
 def run_sql(con, sql: str) -> pl.DataFrame:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
+from pipeline.cache import REJECTED_FILE, side_dir
 from pipeline.fingerprint import file_sha256
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
 
@@ -83,6 +84,8 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
             "rejected_len": rejected_len.astype(np.int32),
             "shared_prefix_len": shared.astype(np.int32),
             "truncated": rng.random(n_pairs) < 0.05,
+            "ches": pa.nulls(n_pairs, pa.float64()),  # not computed by this world
+            "ln_ches": pa.nulls(n_pairs, pa.float64()),
         },
         schema=CACHE_SCHEMA,
     )
@@ -102,7 +105,9 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
         },
         schema=REJECTED_SCHEMA,
     )
-    pq.write_table(rej, out / "rejected_rows.parquet")
+    rej_path = side_dir(out) / REJECTED_FILE
+    rej_path.parent.mkdir(exist_ok=True)
+    pq.write_table(rej, rej_path)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "model": {"path": "synthetic (no model)", "sha256": "0" * 64},

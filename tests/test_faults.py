@@ -70,7 +70,8 @@ def assert_same_cache(a, b):
     for key in ("fingerprint", "dataset", "tokens", "model", "tokenization"):
         assert ma[key] == mb[key], key
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
-    assert pq.read_table(Path(a) / "rejected_rows.parquet").equals(pq.read_table(Path(b) / "rejected_rows.parquet"))
+    rej = [pq.read_table(Path(d) / "__refcache__" / "rejected_rows.parquet") for d in (a, b)]
+    assert rej[0].equals(rej[1])
 
 
 def one_line_error(argv, capsys) -> str:
@@ -99,8 +100,9 @@ class Killed(BaseException):
     """Stands in for SIGKILL at a chosen point: nothing after it runs (not an Exception, so nothing catches it)."""
 
 
-# os.replace is how every cache file becomes visible (temp + rename): parts 0-2, _shard-0-of-1.json,
-# rejected_rows.parquet, manifest.json, _sums.json. Kill just before or just after the N-th rename.
+# os.replace is how every cache file becomes visible (temp + rename): parts 0-2, __refcache__/_shard-0-of-1.json,
+# __refcache__/rejected_rows.parquet, manifest.json, __refcache__/_sums.json. Kill just before or just after the
+# N-th rename.
 KILL_POINTS = [("before", 1), ("after", 1), ("after", 3), ("before", 5), ("before", 6), ("after", 6), ("before", 7)]
 
 
@@ -497,7 +499,7 @@ def test_rows_not_builds_fail(tmp_path, tiny_model_dir, scorer):
     for name in ("rows.jsonl", "rows.json"):
         s = build(tmp_path / name, tiny_model_dir, tmp_path / f"cache-{name}", scorer)
         assert (s["rows_read"], s["rows_kept"], s["rows_rejected"]) == (5, 2, 3), name
-        rej = pq.read_table(tmp_path / f"cache-{name}" / "rejected_rows.parquet").to_pylist()
+        rej = pq.read_table(tmp_path / f"cache-{name}" / "__refcache__" / "rejected_rows.parquet").to_pylist()
         reasons = {r["source_index"]: r["reason"] for r in rej}
         assert "nested too deeply" in reasons[1], reasons
         assert "invalid text: '\\ud800'" in reasons[2] and "invalid text: '\\udfff'" in reasons[4], reasons
@@ -521,7 +523,7 @@ def test_a_tokenizer_error_rejects_only_its_row(tmp_path, monkeypatch, tiny_mode
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = build(tmp_path / "rows.jsonl", tiny_model_dir, tmp_path / "cache", scorer)
     assert (s["rows_read"], s["rows_kept"], s["rows_rejected"]) == (3, 2, 1)
-    rej = pq.read_table(tmp_path / "cache" / "rejected_rows.parquet").to_pylist()
+    rej = pq.read_table(tmp_path / "cache" / "__refcache__" / "rejected_rows.parquet").to_pylist()
     assert [(r["source_index"], r["reason"]) for r in rej] == [
         (1, "cannot process this row (RuntimeError: tokenizer panicked)")]
 
@@ -595,7 +597,7 @@ def test_duplicates_keep_pair_id_unique_whatever_the_sharding(tmp_path, tiny_mod
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     one = build(data, tiny_model_dir, tmp_path / "one", scorer, part_size=2)
     assert (one["rows_read"], one["rows_kept"], one["rows_rejected"]) == (7, 4, 3)
-    rej = pq.read_table(tmp_path / "one" / "rejected_rows.parquet").to_pylist()
+    rej = pq.read_table(tmp_path / "one" / "__refcache__" / "rejected_rows.parquet").to_pylist()
     assert [(r["source_index"], r["reason"].split(" (")[0]) for r in rej] == [
         (2, "duplicate of row 0"), (4, "duplicate of row 1"), (5, "duplicate of row 0")]
     ids = load_table(tmp_path / "one", ["pair_id", "source_index"]).to_pydict()

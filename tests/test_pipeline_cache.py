@@ -15,11 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import META_KEY, load_table, read_manifest
+from pipeline.cache import META_KEY, load_table, read_manifest, rejected_path
 from pipeline.data import Source, pair_id
 from pipeline.fingerprint import file_sha256, model_identity, tokenizer_identity
 from pipeline.precompute import precompute
-from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA
+from pipeline.schema import REJECTED_SCHEMA, part_schema
 from refcache import UserError
 from refcache.cli import main as cli_main
 
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"backend": "hf", "dtype": "float32", "limit": 48, "part_size": 2, "progress": False}  # 24 parts
 PARTS = 24
 MANIFEST_KEYS = {"schema_version", "refcache_version", "created", "fingerprint", "model", "tokenizer",
-                 "tokenization", "backend", "dataset", "shards", "rejected_rows", "tokens", "settings"}
+                 "tokenization", "backend", "dataset", "shards", "rejected_rows", "tokens", "settings",
+                 "extra_columns", "skipped_columns"}
 
 
 def cli(*args):
@@ -49,7 +50,7 @@ def assert_same_cache(a, b):
     assert ta.equals(tb), "cached ids/values differ"
     ma, mb = read_manifest(a), read_manifest(b)
     assert ma["fingerprint"] == mb["fingerprint"] and ma["dataset"] == mb["dataset"]
-    assert pq.read_table(Path(a) / "rejected_rows.parquet").equals(pq.read_table(Path(b) / "rejected_rows.parquet"))
+    assert pq.read_table(rejected_path(a, ma)).equals(pq.read_table(rejected_path(b, mb)))
 
 
 def test_cache_matches_the_contract(train_cache, tiny_model_dir, prefs_dir):
@@ -62,15 +63,19 @@ def test_cache_matches_the_contract(train_cache, tiny_model_dir, prefs_dir):
     ds = m["dataset"]
     assert ds["rows_read"] == 256 == ds["rows_kept"] + ds["rows_rejected"]
     assert ds["sha256"] == Source(prefs_dir / "train.jsonl").sha256()
-    rej = pq.read_table(train_cache / "rejected_rows.parquet")
+    assert m["rejected_rows"]["file"] == "__refcache__/rejected_rows.parquet"  # out of the parts' glob
+    rej = pq.read_table(train_cache / m["rejected_rows"]["file"])
     assert rej.schema.equals(REJECTED_SCHEMA) and rej.num_rows == ds["rows_rejected"]
+    assert m["schema_version"] == 2
+    assert m["extra_columns"] == [{"name": "category", "source": "category", "type": "string"}]
+    assert m["skipped_columns"] == {}
     assert all(r for r in rej.column("reason").to_pylist())
 
     for s in m["shards"]:
         f = train_cache / s["file"]
         assert file_sha256(f) == s["sha256"]
         pf = pq.ParquetFile(f)
-        assert pf.schema_arrow.remove_metadata().equals(CACHE_SCHEMA)
+        assert pf.schema_arrow.remove_metadata().equals(part_schema(m["extra_columns"]))
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         meta = json.loads(pf.schema_arrow.metadata[META_KEY])
         for key in ("model", "tokenizer", "tokenization", "backend"):
@@ -85,6 +90,8 @@ def test_cache_matches_the_contract(train_cache, tiny_model_dir, prefs_dir):
     for r in t:
         src = json.loads(lines[r["source_index"]])
         assert r["pair_id"] == pair_id(src.get("prompt"), src["chosen"], src["rejected"])
+        assert r["category"] == src["category"]  # the input's own column, kept
+        assert r["ches"] is None and r["ln_ches"] is None  # this backend does not compute CHES
         for side in ("chosen", "rejected"):
             lp = np.asarray(r[f"ref_{side}_token_logps"], dtype=np.float32)
             assert len(lp) == len(r[f"{side}_ids"]) == r[f"{side}_len"] > 0
@@ -164,11 +171,13 @@ def test_rerun_of_a_finished_cache_changes_nothing(tmp_path, small_cache, tiny_m
     manifest["created"] = "2020-01-01T00:00:00Z"  # made earlier: a rewrite would show
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    def contract_files():  # parts, manifest.json, rejected_rows.parquet (not the _-prefixed bookkeeping files:
-        # _shard-*.json progress notes, _written-*.jsonl write logs, the _sums.json memo)
-        return {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith("_")}
+    def contract_files():  # parts, manifest.json, __refcache__/rejected_rows.parquet (not the _-prefixed
+        # bookkeeping files: _shard-*.json progress notes, _written-*.jsonl write logs, the _sums.json memo)
+        return {f.relative_to(out).as_posix(): f.read_bytes() for f in out.rglob("*")
+                if f.is_file() and not f.name.startswith("_")}
 
     before = contract_files()
+    assert "__refcache__/rejected_rows.parquet" in before and "manifest.json" in before
     precompute(prefs_dir / "train.jsonl", tiny_model_dir, out, **SMALL)
     assert contract_files() == before
 
@@ -195,7 +204,7 @@ def test_all_rows_rejected_is_an_error_with_reasons(tmp_path, tiny_model_dir):
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n{"prompt": "p"}\n')
     with pytest.raises(UserError, match="all 2 rows were rejected"):
         precompute(data, tiny_model_dir, tmp_path / "c", backend="hf", progress=False)
-    rej = pq.read_table(tmp_path / "c" / "rejected_rows.parquet").to_pylist()
+    rej = pq.read_table(tmp_path / "c" / "__refcache__" / "rejected_rows.parquet").to_pylist()
     assert [r["source_index"] for r in rej] == [0, 1]
     assert "identical" in rej[0]["reason"] and "missing field 'chosen'" in rej[1]["reason"]
 

@@ -307,7 +307,7 @@ def test_cache_overview_matches_polars(world):
             assert vals[(cache, m)] == pytest.approx(v, rel=1e-9), (cache, m)
         # the synthetic near-identical pairs (25% by construction) are what the rule finds
         assert 0.15 < vals[(cache, "near_identical_share")] < 0.35
-        rej = pl.read_parquet(world[cache] / "rejected_rows.parquet")["reason"].value_counts()
+        rej = pl.read_parquet(world[cache] / "__refcache__" / "rejected_rows.parquet")["reason"].value_counts()
         for reason, n in rej.iter_rows():
             assert vals[(cache, f"rejected:{reason}")] == n
 
@@ -409,7 +409,7 @@ def test_top_is_one_number():
 def test_list_queries_have_headers():
     qs = {q.name: q for q in queries.list_queries()}
     assert set(qs) == {"drift", "displacement", "collapse", "length", "compare", "cache_overview", "train_eval_gap",
-                       "effects"}  # _shared.sql holds definitions, not a diagnostic
+                       "effects", "slices"}  # _shared.sql holds definitions, not a diagnostic
     for q in qs.values():
         assert q.description and q.needs, q.name
         assert "How to read" in q.sql, q.name
