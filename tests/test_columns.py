@@ -322,11 +322,11 @@ def test_the_cache_globs_as_parquet_for_polars_duckdb_and_datasets(csv_cache, tm
 @pytest.fixture(scope="module")
 def v1_cache(tmp_path_factory, prefs_dir, tiny_model_dir):
     """A cache built by refcache at commit a7c9b19 (schema version 1: rejected_rows.parquet and bookkeeping at
-    the top level, no ches/ln_ches), in a subprocess running that commit's pipeline/ and refcache/."""
+    the top level, no ches/ln_ches), in a subprocess running that commit's code (all four packages)."""
     tmp = tmp_path_factory.mktemp("v1")
     src = tmp / "src"
     src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "pipeline", "refcache"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "pipeline", "refcache", "dpo", "queries"],
                              capture_output=True, check=False)
     if archive.returncode != 0:
         pytest.skip(f"commit {V1_COMMIT} is not in this checkout's history: {archive.stderr.decode()[:200]}")
