@@ -13,7 +13,7 @@ from pathlib import Path
 
 import refcache
 from pipeline import cache
-from pipeline.backends import make_scorer, resolve_backend, torch_dtype
+from pipeline.backends import check_settings, make_scorer, resolve_backend, torch_dtype
 from pipeline.data import Reject, Source, normalize
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
 from pipeline.schema import SCHEMA_VERSION
@@ -69,8 +69,7 @@ def precompute(data, model, out, *, backend="auto", dtype="float32", max_length=
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
     if part_size < 1:
         raise UserError("--part-size must be at least 1")
-    if backend_settings.get("compile") and name != "hf":
-        raise UserError(f"--compile applies to the hf backend, not {name}; drop it or use --backend hf")
+    check_settings(name, dict(backend_settings, batch_size=batch_size))  # a setting for another backend: refused
 
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)
