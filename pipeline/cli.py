@@ -4,6 +4,7 @@ import argparse
 import json
 
 from pipeline.backends import BACKENDS, backend_settings
+from pipeline.verify import TOLERANCE
 
 
 def add_commands(sub):
@@ -42,7 +43,7 @@ def add_commands(sub):
                         "on a GPU: what --gpu-memory-utilization leaves)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="vllm: run without torch.compile (default on a CPU, where compiling adds minutes to "
-                        "each start and scored no faster; --no-enforce-eager compiles)")
+                        "each start for 0-25%% more tokens/s; --no-enforce-eager compiles, worth it for long runs)")
     p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default max-length+1)")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="show the backend's own output (vLLM's logs, warnings and progress bars)")
@@ -52,14 +53,15 @@ def add_commands(sub):
 
     v = sub.add_parser("verify", help="re-score sampled cached pairs with the hf backend and compare",
                        description="Re-score N cached pairs with transformers (model from the manifest) and "
-                                   "report per-token and implied reward differences; exit 1 past --tolerance.")
+                                   "report per-token and implied reward differences; exit 1 when a token is past "
+                                   "the tolerance.")
     v.add_argument("cache", metavar="CACHE")
     v.add_argument("--sample", type=int, default=32, metavar="N", help="pairs to re-score (default 32)")
+    defaults = "; ".join(f"{d} {a:g} + {r:g}|log p|" for d, (a, r) in TOLERANCE.items())
     v.add_argument("--tolerance", type=float, default=None, metavar="NATS",
-                   help="per-token |diff| allowed at log p = 0 (atol; default by dtype: 1e-4 float32, "
-                        "TODO bfloat16)")
-    v.add_argument("--rtol", type=float, default=None,
-                   help="plus this fraction of |log p| (default by dtype: 1e-5 float32, TODO bfloat16)")
+                   help=f"a token passes when |diff| <= NATS + RTOL x |log p| (defaults by the cache's dtype: "
+                        f"{defaults})")
+    v.add_argument("--rtol", type=float, default=None, help="see --tolerance")
     v.add_argument("--beta", type=float, default=0.1, help="beta for the implied reward error (default 0.1)")
     v.add_argument("--model", default=None, help="model directory, if it moved since precompute")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the cache's dtype")

@@ -88,6 +88,21 @@ def test_kv_cache_is_sized_from_the_model_and_the_workload(tiny_model_dir, smoll
         VLLMScorer(smollm2_dir, "float32", max_model_len=1 << 24)
 
 
+def test_verify_judges_each_token_against_atol_plus_rtol_log_p():
+    """The case that made `refcache verify` say FAILED on a sound fp32 vLLM cache: 1.62e-4 nats on a token of
+    log p -12.8 is fp32 noise (bound 1e-4 + 1e-5 * 12.8 = 2.28e-4); the same error on a likely token is not."""
+    fresh = [np.array([-12.8, -0.5, -2.0]), np.array([-1.0, -3.0])]  # chosen, rejected of one pair
+    noisy = [fresh[0] + [1.62e-4, 0, 0], fresh[1].copy()]
+    r = compare(fresh, noisy, *TOLERANCE["float32"], beta=0.1)
+    assert r["passed"] and r["worst_ratio"] == pytest.approx(1.62e-4 / 2.28e-4, rel=1e-3)
+    assert r["worst_logp"] == -12.8 and r["max_abs_diff"] == pytest.approx(1.62e-4)
+    assert r["reward_error_max"] == pytest.approx(0.1 * 1.62e-4) and r["margin_error_max"] == pytest.approx(1.62e-5)
+    bad = [fresh[0] + [0, 1.62e-4, 0], fresh[1] - [0, 1e-4]]  # 1.62e-4 at log p -0.5: bound 1.05e-4
+    r = compare(fresh, bad, *TOLERANCE["float32"], beta=0.1)
+    assert not r["passed"] and r["tokens_over"] == 1 and r["worst_logp"] == -0.5
+    assert r["margin_error_max"] == pytest.approx(0.1 * 2.62e-4)  # errors of opposite sign add up in the margin
+
+
 def test_a_failed_engine_start_is_one_line_with_its_cause(tiny_model_dir):
     """A KV cache bigger than the machine: vLLM's own refusal, on one line, with the log kept for the rest.
     (Before the session's engine starts: one engine at a time.)"""
