@@ -1,6 +1,10 @@
 """Stage-1 commands: `refcache precompute`, `refcache verify`, `refcache merge`."""
 
+import argparse
 import json
+
+from pipeline.backends import BACKENDS, backend_settings
+from pipeline.verify import TOLERANCE
 
 
 def add_commands(sub):
@@ -11,7 +15,7 @@ def add_commands(sub):
                                                  "or a datasets.save_to_disk directory")
     p.add_argument("--model", required=True, help="reference model directory (Hugging Face format)")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to create or resume")
-    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="auto: vllm on a GPU, hf on a CPU (faster there, see BENCHMARKS.md)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-length", type=int, default=None,
@@ -22,7 +26,7 @@ def add_commands(sub):
                    help="which end of an over-long prompt to keep (default keep_end)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="hf: sequences per forward (default 16); vllm: max_num_seqs (default vLLM's)")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", action="store_true", default=None,
                    help="hf: torch.compile the model first (15-30 s for a 30M model on a CPU, then 8-15%% more "
                         "tokens/s and closer to fp32 in bf16; BENCHMARKS.md): worth it past a few thousand pairs")
     p.add_argument("--shard", default=None, metavar="I/N", help="process chunks k with k %% N == I")
@@ -37,21 +41,33 @@ def add_commands(sub):
                         "'\\n\\nAssistant:', else at their longest common prefix cut back to a word boundary; "
                         "prefix: always the latter (TRL's rule); or a marker string, e.g. '\\n\\nAssistant:' "
                         "(typed \\n is a newline). Message lists always split at the last assistant turn")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per model (default 1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vllm: fraction of GPU memory (on CPU: of RAM) for the engine (default 0.9 GPU, 0.1 CPU)")
+                   help="vllm on a GPU: fraction of GPU memory for the engine (default 0.9)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
+                   help="vllm: KV cache size (default on a CPU: sized from --max-length and --batch-size; "
+                        "on a GPU: what --gpu-memory-utilization leaves)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vllm: run without torch.compile (default on a CPU, where compiling adds minutes to "
+                        "each start for 0-25%% more tokens/s; --no-enforce-eager compiles, worth it for long runs)")
     p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default max-length+1)")
+    p.add_argument("--verbose", action="store_true", default=None,
+                   help="show the backend's own output (vLLM's logs, warnings and progress bars)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_precompute)
 
     v = sub.add_parser("verify", help="re-score sampled cached pairs with the hf backend and compare",
                        description="Re-score N cached pairs with transformers (model from the manifest) and "
-                                   "report per-token and implied reward differences; exit 1 past --tolerance.")
+                                   "report per-token and implied reward differences; exit 1 when a token is past "
+                                   "the tolerance.")
     v.add_argument("cache", metavar="CACHE")
     v.add_argument("--sample", type=int, default=32, metavar="N", help="pairs to re-score (default 32)")
+    defaults = "; ".join(f"{d} {a:g} + {r:g}|log p|" for d, (a, r) in TOLERANCE.items())
     v.add_argument("--tolerance", type=float, default=None, metavar="NATS",
-                   help="max per-token |diff| (default 1e-4 for float32 caches, 0.25 for bfloat16)")
+                   help=f"a token passes when |diff| <= NATS + RTOL x |log p| (defaults by the cache's dtype: "
+                        f"{defaults})")
+    v.add_argument("--rtol", type=float, default=None, help="see --tolerance")
     v.add_argument("--beta", type=float, default=0.1, help="beta for the implied reward error (default 0.1)")
     v.add_argument("--model", default=None, help="model directory, if it moved since precompute")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the cache's dtype")
@@ -61,6 +77,13 @@ def add_commands(sub):
     m = sub.add_parser("merge", help="validate all parts of a (sharded) cache and write its manifest")
     m.add_argument("cache", metavar="CACHE")
     m.set_defaults(func=run_merge)
+
+
+def _backend_flags(args) -> dict:
+    """The backend settings given on the command line: every backend's constructor settings that are flags here
+    (one list: the backends' signatures); unset flags stay None and are dropped by the backend check."""
+    names = {k for b in BACKENDS for k in backend_settings(b)} - {"batch_size"}
+    return {k: getattr(args, k) for k in sorted(names) if hasattr(args, k)}
 
 
 def _opt_int(s):
@@ -75,9 +98,7 @@ def run_precompute(args) -> int:
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                          truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
                          limit=args.limit, part_size=args.part_size, columns=columns, prompt_split=args.prompt_split,
-                         progress=not args.no_progress, tensor_parallel_size=args.tensor_parallel_size,
-                         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                         compile=args.compile)
+                         progress=not args.no_progress, **_backend_flags(args))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -85,8 +106,8 @@ def run_precompute(args) -> int:
 def run_verify(args) -> int:
     from pipeline.verify import format_result, verify
 
-    r = verify(args.cache, sample=args.sample, tolerance=args.tolerance, beta=args.beta, model=args.model,
-               dtype=args.dtype)
+    r = verify(args.cache, sample=args.sample, tolerance=args.tolerance, rtol=args.rtol, beta=args.beta,
+               model=args.model, dtype=args.dtype)
     print(json.dumps(r) if args.json else format_result(r, args.cache))
     return 0 if r["passed"] else 1
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import refcache
 from pipeline import cache
-from pipeline.backends import make_scorer, resolve_backend, torch_dtype
+from pipeline.backends import check_settings, make_scorer, resolve_backend, torch_dtype
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
 from pipeline.dedup import SeenPairs
@@ -109,8 +109,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         raise UserError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length}")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
-    if backend_settings.get("compile") and name != "hf":
-        raise UserError(f"--compile applies to the hf backend, not {name}; drop it or use --backend hf")
+    check_settings(name, dict(backend_settings, batch_size=batch_size))  # a setting for another backend: refused
 
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)

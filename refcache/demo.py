@@ -17,10 +17,12 @@ DATA = ROOT / "data"
 
 
 def add_commands(sub) -> None:
+    from pipeline.backends import BACKENDS
+
     p = sub.add_parser("demo", help="run all stages on the embedded default", description=__doc__)
     p.add_argument("--out", default="out/demo", help="where caches, the run and the report go (default out/demo)")
     # vLLM by default: the demo shows the production path (on a CPU `auto` would pick hf, see BENCHMARKS.md).
-    p.add_argument("--backend", default="vllm", choices=["auto", "vllm", "hf"])
+    p.add_argument("--backend", default="vllm", choices=["auto", *BACKENDS])
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--beta", type=float, default=0.1)
     # Tuned for the 3.6M-param embedded model (its eval accuracy plateaus near 0.68 after 2 epochs);
