@@ -69,10 +69,10 @@ def stage1(model, pairs_path, n=64, timed=256, rounds=3):
 def stage2(model, cache):
     from dpo import data as D
     from dpo.logps import CompletionLogps, batch_logps
-    from dpo.train import _load_causal_lm
+    from dpo.model import load_causal_lm
 
     pairs = D.load_pairs(cache)
-    m = _load_causal_lm(model)
+    m = load_causal_lm(model)
     net = CompletionLogps(m)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
     order = np.argsort(-pairs.packed_len)
