@@ -59,9 +59,10 @@ def caches(train_cache, eval_cache):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, caches):
-    """One process (no sharding) and two FSDP processes, the same run."""
+    """One process (no sharding), two DDP processes and two FSDP processes: the same run."""
     root = tmp_path_factory.mktemp("fsdp")
     _train(ONE, caches, root / "one")
+    _train(TWO, caches, root / "ddp2")
     _train(TWO, caches, root / "fsdp2", ["--parallel", "fsdp"])
     return root
 
@@ -86,6 +87,16 @@ def test_two_fsdp_processes_equal_one(runs):
     wa, wb = _weights(runs / "one"), _weights(runs / "fsdp2")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-3  # consolidated into one HF directory
+
+
+def test_eval_pass_under_ddp(runs):
+    """DDP (the default for several processes) splits the eval pairs over the processes too."""
+    e1, e2 = (pq.read_table(runs / r / "evals.parquet").to_pydict() for r in ("one", "ddp2"))
+    assert e2["step"] == [0, 5, 10] and e2["pairs"] == [64] * 3
+    for k in ("loss", "reward_margin", "reward_accuracy", "ref_rejected_logp"):
+        np.testing.assert_allclose(e2[k], e1[k], atol=1e-5, rtol=0)
+    s = _summary(runs / "ddp2")
+    assert s["parallel"] == "ddp" and s["shards_per_rank"] == _summary(runs / "one")["shards_per_rank"] * 2
 
 
 def test_each_rank_holds_half(runs):
