@@ -17,7 +17,9 @@ ratios), ``x = c - r = (pi_c - pi_r) - (ref_c - ref_r)`` (the DPO logit), ``l_c,
 ``s = sigmoid``.
 
 ``LOSSES`` maps each name to its function; :func:`compute` calls one by name with whatever subset of the available
-inputs/parameters its signature asks for. Names follow TRL 1.16 where the formula is the same.
+inputs/parameters its signature asks for. Names follow TRL 1.16 where the formula is the same. ``PARAMS`` lists
+the scalar parameters (range, meaning); with the signatures' defaults it is the one source of the trainer's config
+fields and flags for them.
 """
 
 import inspect

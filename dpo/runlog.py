@@ -162,12 +162,18 @@ def _changed(old: dict, new: dict) -> list:
     return [k for k in new if k not in skip and _norm(old.get(k, defaults.get(k))) != _norm(new[k])]
 
 
-def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
-    """Check `out` (under its lock) and make it ready: returns (run_id, checkpoint to resume from or None)."""
+def _refuse_foreign(out: str) -> str:
+    """The state of `out` (see _state); a UserError if it holds what refcache did not write."""
     state = _state(out)
     if state == "foreign":
         raise UserError(f"{out} already exists and is not a refcache run (no refcache config.json), so neither a "
                         "new run nor --resume may write there; choose a new --out")
+    return state
+
+
+def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
+    """Check `out` (under its lock) and make it ready: returns (run_id, checkpoint to resume from or None)."""
+    state = _refuse_foreign(out)
     if state == "run" and not resume:
         raise UserError(f"{out} already exists and is not empty; pass --resume to continue that run or choose a "
                         "new --out")
@@ -199,8 +205,7 @@ def open_run_dir(out: str, resolved: dict, resume: bool, world: P.World):
     answer, lock = None, None
     if world.master:
         try:
-            if _state(out) == "foreign":  # refuse before creating anything in it
-                _prepare(out, resolved, resume)
+            _refuse_foreign(out)  # before creating anything in it (again under the lock, below)
             os.makedirs(out, exist_ok=True)
             lock = DirLock(out, "train").acquire()
             answer = ("ok", *_prepare(out, resolved, resume))

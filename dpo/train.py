@@ -165,26 +165,14 @@ def setup(cfg: TrainConfig) -> Run:
         run_id, ckpt, lock = open_run_dir(cfg.out, resolved, cfg.resume, world)
         log = RunLog(cfg.out, run_id, world, steps_per_epoch, cfg, lock)
 
-        torch.manual_seed(cfg.seed)
-        model = load_policy(cfg)
-        net = CompletionLogps(model)
-        ref_net = CompletionLogps(load_causal_lm(cfg.ref_model)).eval().requires_grad_(False) if cfg.live_ref \
-            else None
-        share = cfg.share_prompt and takes_custom_mask(model) and (ref_net is None or takes_custom_mask(ref_net.model))
-        if cfg.share_prompt and not share and world.master:
-            print("note: this attention implementation takes no custom mask; prompts run once per completion")
-        train_net = P.wrap(net, model, world, parallel, cfg.dtype)
-        if ref_net is not None:  # no gradients, so no DDP; under FSDP sharded like the policy
-            ref_net = P.shard(ref_net, ref_net.model, world, cfg.dtype) if parallel == "fsdp" else ref_net.to(world.device)
-        params = [p for p in net.parameters() if p.requires_grad]
+        model, net, train_net, ref_net, share = _models(cfg, world, parallel)
         # fused AdamW: one kernel over all parameters (3x faster than foreach on a 30M model on CPU)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-                                fused=True)
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
-        probes = [("train", train_pairs, D.probe_subset(len(train_pairs), cfg.probe_size, cfg.seed))]
-        if eval_pairs is not None:
-            probes.append(("eval", eval_pairs, D.probe_subset(len(eval_pairs), cfg.probe_size, cfg.seed)))
+        probes = [(split, pairs, D.probe_subset(len(pairs), cfg.probe_size, cfg.seed))
+                  for split, pairs in (("train", train_pairs), ("eval", eval_pairs)) if pairs is not None]
         run = Run(cfg=cfg, world=world, parallel=parallel, model=model, net=net, train_net=train_net,
                   ref_net=ref_net, opt=opt, sched=sched, train_pairs=train_pairs, eval_pairs=eval_pairs,
                   probes=[p for p in probes if len(p[2])], loss_params=resolved["loss_params"], share_prompt=share,
@@ -200,6 +188,22 @@ def setup(cfg: TrainConfig) -> Run:
             log.close()
         world.stop()
         raise
+
+
+def _models(cfg, world, parallel):
+    """The policy (model, CompletionLogps net, the module training runs through) and the live reference (or
+    None); whether pairs run as one shared-prompt row."""
+    torch.manual_seed(cfg.seed)
+    model = load_policy(cfg)
+    net = CompletionLogps(model)
+    ref_net = CompletionLogps(load_causal_lm(cfg.ref_model)).eval().requires_grad_(False) if cfg.live_ref else None
+    share = cfg.share_prompt and takes_custom_mask(model) and (ref_net is None or takes_custom_mask(ref_net.model))
+    if cfg.share_prompt and not share and world.master:
+        print("note: this attention implementation takes no custom mask; prompts run once per completion")
+    train_net = P.wrap(net, model, world, parallel, cfg.dtype)
+    if ref_net is not None:  # no gradients, so no DDP; under FSDP sharded like the policy
+        ref_net = P.shard(ref_net, ref_net.model, world, cfg.dtype) if parallel == "fsdp" else ref_net.to(world.device)
+    return model, net, train_net, ref_net, share
 
 
 def _load_data(cfg):
