@@ -6,7 +6,8 @@
 The three configurations train the same steps (global batch, fp32, AdamW) from one cache, built once under
 --work with the hf backend. Every process reports its peak RSS over the training loop and the elements it holds
 (weights, AdamW state) in the run's summary.json. Also measured: the RSS of a process that has only imported the
-trainer (Python, torch, transformers), so the part that sharding can shrink is visible beside the total.
+trainer (Python, torch, transformers), so the part that sharding can shrink is visible beside the total. The
+processes are launched from a small parent: Linux starts a child's peak RSS at its parent's.
 
 Figure: fsdp2_over_ddp_peak_rss_per_rank = (largest FSDP rank peak) / (largest DDP rank peak).
 """
@@ -21,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 MODES = {  # name -> (processes, extra flags)
     "one": (1, []),
@@ -29,14 +31,23 @@ MODES = {  # name -> (processes, extra flags)
 }
 
 
-def build_cache(model, data, out, pairs, max_length):
-    if os.path.isfile(os.path.join(out, "manifest.json")):
-        return out
+def prepare(args) -> dict:
+    """The model, pairs and cache (built once under --work, reused). Runs in a child process (--prepare): a child
+    starts with its parent's RSS as its own peak (Linux carries ru_maxrss over fork and exec), so the process
+    that launches the measured ones must stay small."""
+    import train as bench_train  # bench/train.py: its model and pairs builders
+
     from pipeline.precompute import precompute
 
-    precompute(data, model, out, backend="hf", dtype="float32", limit=pairs, max_length=max_length,
-               max_prompt_length=min(512, max_length // 2), progress=False)
-    return out
+    model = os.path.abspath(args.model) if args.model else bench_train.build_model(
+        os.path.join(args.work, "llama-h512-l9"), 512, 9, 1408, os.path.join(ROOT, "data", "tiny-llama"))
+    data = os.path.abspath(args.data) if args.data else bench_train.build_data(
+        os.path.join(args.work, f"pairs-{args.pairs}.jsonl"), args.pairs, 128, 128)
+    cache = os.path.join(args.work, "cache")
+    if not os.path.isfile(os.path.join(cache, "manifest.json")):
+        precompute(data, model, cache, backend="hf", dtype="float32", limit=args.pairs, max_length=args.max_length,
+                   max_prompt_length=min(512, args.max_length // 2), progress=False)
+    return {"model": model, "data": data, "cache": cache}
 
 
 def import_rss(env) -> int:
@@ -79,19 +90,21 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     os.makedirs(args.work, exist_ok=True)
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import train as bench_train  # bench/train.py: its model and pairs builders
-
-    model = os.path.abspath(args.model) if args.model else bench_train.build_model(
-        os.path.join(args.work, "llama-h512-l9"), 512, 9, 1408, os.path.join(ROOT, "data", "tiny-llama"))
-    data = os.path.abspath(args.data) if args.data else bench_train.build_data(
-        os.path.join(args.work, f"pairs-{args.pairs}.jsonl"), args.pairs, 128, 128)
-    cache = build_cache(model, data, os.path.join(args.work, "cache"), args.pairs, args.max_length)
+    if args.prepare:
+        print(json.dumps(prepare(args)))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT}
     base = import_rss(env)
+    r = subprocess.run([sys.executable, __file__, "--prepare", *sys.argv[1:]], capture_output=True, text=True,
+                       env=env, cwd=ROOT, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"preparing the model, pairs and cache failed: {r.stderr.strip().splitlines()[-1:]}")
+    built = json.loads(r.stdout.strip().splitlines()[-1])
+    model, cache = built["model"], built["cache"]
     res = {name: run_mode(name, cache, model, args.work, args, env) for name in MODES}
     peak = {name: max(r["peak_rss_bytes_per_rank"]) for name, r in res.items()}
     out = {
