@@ -9,6 +9,11 @@ The three configurations train the same steps (global batch, fp32, AdamW) from o
 trainer (Python, torch, transformers), so the part that sharding can shrink is visible beside the total. The
 processes are launched from a small parent: Linux starts a child's peak RSS at its parent's.
 
+glibc's malloc raises its mmap threshold as large blocks are freed, after which freed activations and gradients
+stay in the heap and count as RSS although nothing uses them; the measured processes run with a fixed
+MALLOC_MMAP_THRESHOLD_ (128 KiB, --mmap-threshold; 0 = glibc's adaptive one) so RSS follows live memory, the same
+for all three. On a GPU, where FSDP is used, the caching allocator's peak is what counts (bench/gpu_check.py).
+
 Figure: fsdp2_over_ddp_peak_rss_per_rank = (largest FSDP rank peak) / (largest DDP rank peak).
 """
 
@@ -59,14 +64,15 @@ def import_rss(env) -> int:
 
 def run_mode(name, cache, model, work, args, env):
     procs, extra = MODES[name]
-    out = os.path.join(work, "runs", name)
+    out = os.path.join(work, "runs", name + ("-ckpt" if args.grad_checkpointing else ""))
     shutil.rmtree(out, ignore_errors=True)
     launcher = [sys.executable, "-m", "refcache.cli"] if procs == 1 else \
         [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", str(procs),
          "-m", "refcache.cli"]
     cmd = [*launcher, "train", "--cache", cache, "--model", model, "--out", out, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lr", "1e-6", "--probe-size", "0", "--checkpoint-every", "0",
-           "--threads", str(args.threads), "--no-progress", *extra]
+           "--threads", str(args.threads), "--no-progress", *extra,
+           *(["--grad-checkpointing"] if args.grad_checkpointing else [])]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if r.returncode != 0:
@@ -90,6 +96,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="all three with activation checkpointing")
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ of the measured processes (0 = glibc's own, adaptive)")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -98,6 +107,8 @@ def main():
         print(json.dumps(prepare(args)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT}
+    if args.mmap_threshold:  # see the module doc
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     base = import_rss(env)
     r = subprocess.run([sys.executable, __file__, "--prepare", *sys.argv[1:]], capture_output=True, text=True,
                        env=env, cwd=ROOT, check=False)
@@ -114,6 +125,8 @@ def main():
         "batch_size": args.batch_size,
         "pairs": args.pairs,
         "threads_per_process": args.threads,
+        "grad_checkpointing": args.grad_checkpointing,
+        "malloc_mmap_threshold": args.mmap_threshold or None,
         "import_rss_bytes": base,
         "modes": res,
         "peak_rss_per_rank_bytes": peak,

@@ -58,7 +58,8 @@ def train(cfg: TrainConfig) -> dict | None:
                 log.add_eval(step, *_timed(evaluate, run))
             row = log.add_step(step, train_step(run, step), run.train_pairs)
             bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
-                            acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}", refresh=False)
+                            acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}",
+                            tok_s=f"{row['tokens'] / row['seconds']:,.0f}", refresh=False)
             bar.update(1)
             done = step + 1
             if done < run.total_steps and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
