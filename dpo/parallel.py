@@ -64,6 +64,9 @@ def start(device: str, parallel: str) -> World:
     (created here unless the caller made one). FSDP on one process gets a one-member group."""
     size, rank, local_rank = (int(os.environ.get(k, d)) for k, d in
                               (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if size > 1 and not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise UserError(f"WORLD_SIZE={size} but RANK/MASTER_ADDR/MASTER_PORT are not all set: launch the processes "
+                        "with torchrun (or `accelerate launch --multi_gpu`, which uses it)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -74,7 +77,7 @@ def start(device: str, parallel: str) -> World:
     own = (size > 1 or parallel == "fsdp") and not dist.is_initialized()
     if own:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if size == 1 and "MASTER_ADDR" not in os.environ:  # not launched by torchrun: a one-process group
+        if size == 1:  # a one-process group needs no rendezvous
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend)
