@@ -52,6 +52,28 @@ def _weights(run):
     return load_file(os.path.join(run, "final", "model.safetensors"))
 
 
+def _descendants(pid):
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(c) for c in f.read().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill_workers(proc):
+    """SIGKILL torchrun's workers (they run in sessions of their own: killing torchrun's process group would leave
+    them training), then let torchrun reap them and exit, as it does when its workers die."""
+    workers = _descendants(proc.pid)
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def caches(train_cache, eval_cache):
     return train_cache, eval_cache
@@ -114,7 +136,7 @@ def test_each_rank_holds_half(runs):
 
 def test_kill_and_resume_under_fsdp(runs, caches, tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(TWO, caches, killed, ["--parallel", "fsdp"]), start_new_session=True,
+    proc = subprocess.Popen(_cmd(TWO, caches, killed, ["--parallel", "fsdp"]),
                             env={**os.environ, "OMP_NUM_THREADS": "1", "REFCACHE_STEP_DELAY": "0.5"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step-00000004"
@@ -122,8 +144,7 @@ def test_kill_and_resume_under_fsdp(runs, caches, tmp_path):
     while not target.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # into step 5-6: rows past the checkpoint exist in memory or in later parts
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_workers(proc)
     assert target.is_dir() and not (killed / "summary.json").exists()
     other = tmp_path / "on-one-process"
     shutil.copytree(killed, other)
