@@ -12,6 +12,7 @@ with its error line and the others go on):
     stage1          bench/stage1.py     refcache stage 1 (vllm, hf) and a plain padded loop, fp32 and bf16
     trl_precompute  bench/trl_side.py   TRL precompute_ref_log_probs=True: the precompute pass, then steps
     train           bench/train.py      refcache training from the cache and with --live-ref
+    fsdp_memory     bench/fsdp_memory.py  peak RSS per process: 1 process, 2x DDP, 2x FSDP2 (torchrun, gloo)
     trl_live        bench/trl_side.py   TRL with a live reference model
     sweep_refcache  `refcache precompute` once + `refcache sweep` over four betas, total wall time
     sweep_trl       bench/trl_side.py   four TRL runs, each computing its reference again
@@ -44,8 +45,8 @@ sys.path.insert(0, str(BENCH))
 import matmul
 import workload as wl
 
-PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "trl_live", "sweep_refcache", "sweep_trl",
-          "queries", "streaming"]
+PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "fsdp_memory", "trl_live", "sweep_refcache",
+          "sweep_trl", "queries", "streaming"]
 BEGIN, END = "<!-- BEGIN bench/run.py results -->", "<!-- END bench/run.py results -->"
 
 # (key, target operator, target value, what it is)
@@ -61,6 +62,8 @@ TARGETS = [
     ("stage1_postprocess_share", "<", 0.05, "vLLM output -> Parquet time / stage-1 time"),
     ("query_10m_max_s", "<=", 1.5, "slowest named diagnostic on 10M example rows (s)"),
     ("stream_peak_rss_200k_over_20k", "<=", 1.25, "precompute peak RSS at 200k pairs / at 20k pairs (flat memory)"),
+    ("fsdp2_over_ddp_peak_rss_per_rank", "<=", 0.7,
+     "training peak RSS of the largest rank: 2x FSDP2 / 2x DDP (fp32, activation checkpointing)"),
 ]
 
 
@@ -246,6 +249,15 @@ def piece_train(ctx):
     if s["threads"]:
         extra += opt(flags, ("--threads", str(s["threads"])))[0]
     run_piece("train", [py(), script, *argv, *extra], ctx["res"], s["timeout_s"])
+
+
+def piece_fsdp_memory(ctx):
+    s, w = ctx["s"], ctx["w"]
+    argv = [py(), BENCH / "fsdp_memory.py", "--model", w["model"], "--data", w["pairs_path"],
+            "--steps", s["train_steps"], "--batch-size", s["batch_size"], "--max-length", s["max_length"],
+            "--work", ctx["work"] / "fsdp_memory", "--json", ctx["res"] / "fsdp_memory.json",
+            "--grad-checkpointing"]  # as FSDP runs are set up to save memory; the same for all three
+    run_piece("fsdp_memory", argv, ctx["res"], s["timeout_s"])
 
 
 def piece_sweep_refcache(ctx):
@@ -483,6 +495,10 @@ def merge(res, s, status):
         for r in trows + raw["trl_train"]:
             r["mfu_estimate"] = matmul.mfu(batch_flops, r["step_s"], rates.get(r["dtype"]))
 
+    fm = load(res, "fsdp_memory")
+    raw["fsdp_memory"] = fm
+    figs["fsdp2_over_ddp_peak_rss_per_rank"] = fm and fm["fsdp2_over_ddp_peak_rss_per_rank"]
+
     # Sweep
     sw_r, sw_t = load(res, "sweep_refcache"), load(res, "sweep_trl")
     raw["sweep"] = {"refcache": sw_r, "trl": sw_t}
@@ -671,7 +687,8 @@ def write_markdown(path, section):
 # ---------------------------------------------------------------- main
 
 STEPS = {"workload": piece_workload, "matmul": piece_matmul, "stage1": piece_stage1,
-         "trl_precompute": piece_trl_precompute, "train": piece_train, "trl_live": piece_trl_live,
+         "trl_precompute": piece_trl_precompute, "train": piece_train, "fsdp_memory": piece_fsdp_memory,
+         "trl_live": piece_trl_live,
          "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries,
          "streaming": piece_streaming}
 

@@ -5,18 +5,18 @@
 1. Stage 1, hf backend, bf16, eager and --compile: torch profiler over scoring 64 pairs at the benchmark's batch
    size; time per op group (matmul, attention, the rest). MFU can only approach the matmul rate if matmuls are
    nearly all of the time.
-2. Stage 2, fp32, one length-grouped batch of 8 pairs: the seconds of a no-grad forward (what --live-ref adds),
-   forward + backward, and the optimizer step. The cache saves the first; the ratio cached / live is
-   (fwd + bwd + opt) / (that + no-grad fwd).
+2. Stage 2, fp32, length-grouped batches of 8 pairs, through the trainer's own setup/score/train_step: the
+   seconds of a no-grad forward (what --live-ref adds) and of a whole step (forward + backward + optimizer). The
+   cache saves the first; the ratio cached / live is step / (step + no-grad forward).
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.profiler import profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,35 +66,26 @@ def stage1(model, pairs_path, n=64, timed=256, rounds=3):
         f"{name} {np.median(r):,.0f} tokens/s (runs {', '.join(f'{x:,.0f}' for x in r)})" for name, r in rates.items()))
 
 
-def stage2(model, cache):
-    from dpo import data as D
-    from dpo.logps import CompletionLogps, batch_logps
-    from dpo.train import _load_causal_lm
+def stage2(model, cache, steps=3):
+    """The trainer's own pieces (dpo.train): a no-grad forward of a step's batch through `score` (what --live-ref
+    adds per step), then `train_step` on that batch (forward + backward + optimizer)."""
+    import tempfile
 
-    pairs = D.load_pairs(cache)
-    m = _load_causal_lm(model)
-    net = CompletionLogps(m)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
-    order = np.argsort(-pairs.packed_len)
-    idx = order[len(order) // 2 : len(order) // 2 + 8]  # a batch of median length
-    pieces = D.split_tokens(idx, pairs.packed_len, 2048)
-    for rep in range(3):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for p in pieces:
-                batch_logps(net, D.collate(pairs, p, share_prompt=True), "cpu")
-        t1 = time.perf_counter()
-        for p in pieces:
-            pc, pr, _ = batch_logps(net, D.collate(pairs, p, share_prompt=True), "cpu")
-            (pc - pr).sum().float().backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-    fwd, fb, o = t1 - t0, t2 - t1, t3 - t2
-    print(f"stage 2, fp32, 8 pairs: no-grad forward {fwd:.3f} s, forward+backward {fb:.3f} s "
-          f"({fb / fwd:.2f} forwards), optimizer {o:.3f} s; cached/live bound {(fb + o) / (fb + o + fwd):.3f}")
+    from dpo.train import TrainConfig, score, setup, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(cache=cache, out=os.path.join(tmp, "run"), model=model, batch_size=8, lr=1e-6,
+                          steps=steps, probe_size=0, save_final=False, progress=False)
+        with setup(cfg) as run:
+            fwd, step = [], []
+            for s in range(steps):
+                t0 = time.perf_counter()
+                score(run, run.train_pairs, run.batch(s))
+                fwd.append(time.perf_counter() - t0)
+                step.append(train_step(run, s).seconds)
+    fwd, st = float(np.median(fwd)), float(np.median(step))
+    print(f"stage 2, fp32, 8 pairs: no-grad forward {fwd:.3f} s, train_step (forward + backward + optimizer) "
+          f"{st:.3f} s ({st / fwd:.2f} forwards); cached/live bound {st / (st + fwd):.3f}")
 
 
 if __name__ == "__main__":

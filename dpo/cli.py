@@ -30,47 +30,60 @@ def add_commands(sub):
 
 
 def _add_train_args(p, sweep=False):
+    """The flags of `train` and `sweep`: one per TrainConfig field (defaults read from it), one per loss
+    parameter in dpo.losses.PARAMS (help and defaults from the table and the loss signatures)."""
+    from dpo.config import CHOICES, TrainConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     a = p.add_argument
     a("--cache", required=True, help="stage-1 cache directory (training pairs)")
-    a("--eval-cache", help="stage-1 cache of eval pairs, scored as probes")
+    a("--eval-cache", help="stage-1 cache of eval pairs: probes, and the eval pass of --eval-every")
     a("--model", help="policy to start from (default: the model the cache was scored with)")
-    if sweep:
-        a("--loss", default="sigmoid", help="comma-separated loss names (default sigmoid)")
-        a("--beta", required=True, help="comma-separated betas, e.g. 0.05,0.1,0.5")
-    else:
-        a("--loss", default="sigmoid", help=f"one of: {', '.join(L.LOSSES)} (default sigmoid)")
-        a("--beta", type=float, help="loss temperature (default: the loss's own, 0.1; simpo 2.0)")
-    a("--label-smoothing", type=float, help="sigmoid/robust/aot: label flip rate; exo_pair: epsilon (1e-3)")
-    a("--rpo-alpha", type=float, help="rpo: weight of the chosen NLL term (1.0)")
-    a("--rdpo-alpha", type=float, help="rdpo: length penalty per token of difference (0.01)")
-    a("--simpo-gamma", type=float, help="simpo: target reward margin (0.5)")
-    a("--dpop-lambda", type=float, help="dpop: weight of the chosen-likelihood penalty (50)")
-    a("--discopop-tau", type=float, help="discopop: gate temperature (0.05)")
+    a("--loss", default=d["loss"], help=f"{'comma-separated loss names' if sweep else 'one'} of: "
+      f"{', '.join(L.LOSSES)} (default {d['loss']})")
+    for name in L.PARAMS:
+        if name == "beta" and sweep:
+            a("--beta", required=True, help="comma-separated betas, e.g. 0.05,0.1,0.5")
+        else:
+            a("--" + name.replace("_", "-"), type=float, help=L.param_help(name))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (default 1)")
-    a("--batch-size", type=int, default=8, help="pairs per optimizer step, over all processes (8)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per process per step (1)")
-    a("--max-tokens", type=int, default=2048,
-      help="padded tokens per forward pass: longer micro-batches run in pieces, same gradient (2048; 0 = no limit)")
+    a("--batch-size", type=int, default=d["batch_size"],
+      help=f"pairs per optimizer step, over all processes ({d['batch_size']})")
+    a("--grad-accum", type=int, default=d["grad_accum"], help=f"micro-batches per process per step ({d['grad_accum']})")
+    a("--max-tokens", type=int, default=d["max_tokens"], help="padded tokens per forward pass: longer micro-batches "
+      f"run in pieces, same gradient ({d['max_tokens']}; 0 = no limit)")
     a("--no-share-prompt", dest="share_prompt", action="store_false",
       help="run the prompt twice (rows prompt+chosen, prompt+rejected) instead of once per pair")
-    a("--lr", type=float, default=1e-6, help="peak learning rate (1e-6)")
-    a("--warmup", type=float, default=0.0, help="warmup steps, or a fraction of all steps if < 1 (0)")
-    a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr decay after warmup")
-    a("--weight-decay", type=float, default=0.0)
-    a("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-    a("--seed", type=int, default=0)
-    a("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (bf16 = autocast)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--lr", type=float, default=d["lr"], help=f"peak learning rate ({d['lr']:g})")
+    a("--warmup", type=float, default=d["warmup"],
+      help=f"warmup steps, or a fraction of all steps if < 1 ({d['warmup']:g})")
+    a("--schedule", default=d["schedule"], choices=CHOICES["schedule"], help="lr decay after warmup")
+    a("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="final lr as a fraction of the peak (0)")
+    a("--weight-decay", type=float, default=d["weight_decay"])
+    a("--max-grad-norm", type=float, default=d["max_grad_norm"],
+      help=f"clip the global grad norm ({d['max_grad_norm']:g}; 0 = off)")
+    a("--seed", type=int, default=d["seed"])
+    a("--dtype", default=d["dtype"], choices=CHOICES["dtype"],
+      help="compute dtype (bfloat16: autocast, or FSDP mixed precision; master weights stay fp32)")
+    a("--device", default=d["device"], choices=CHOICES["device"])
+    a("--parallel", default=d["parallel"], choices=CHOICES["parallel"],
+      help="several processes (torchrun): ddp replicates the model on each, fsdp shards weights, gradients and "
+      "optimizer state over them (FSDP2); auto = ddp")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    a("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (needs peft)")
-    a("--lora-alpha", type=float, default=16.0)
+    a("--lora", type=int, default=d["lora"], metavar="RANK", help="train LoRA adapters of this rank (needs peft)")
+    a("--lora-alpha", type=float, default=d["lora_alpha"])
     a("--live-ref", action="store_true", help="load the reference model and score it live (for comparison)")
     a("--ref-model", help="reference model for --live-ref (default: the cache's model)")
-    a("--probe-every", type=int, default=10, help="score the probe pairs every K steps (10)")
-    a("--probe-size", type=int, default=32, help="probe pairs per split (32)")
-    a("--checkpoint-every", type=int, default=100, help="checkpoint every K steps (100; 0 = only at the end)")
+    a("--probe-every", type=int, default=d["probe_every"],
+      help=f"score the probe pairs every K steps ({d['probe_every']}; 0 = at the end only)")
+    a("--probe-size", type=int, default=d["probe_size"], help=f"probe pairs per split ({d['probe_size']})")
+    a("--eval-every", type=int, default=d["eval_every"], metavar="N",
+      help="score the whole --eval-cache every N steps and at the end, into evals.parquet (0 = never)")
+    a("--checkpoint-every", type=int, default=d["checkpoint_every"],
+      help=f"checkpoint every K steps ({d['checkpoint_every']}; 0 = only at the end)")
+    a("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help=f"({d['keep_checkpoints']})")
     a("--allow-mismatch", action="store_true", help="train even if the cache was scored with another model")
     a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     a("--threads", type=int, help="torch CPU threads")
@@ -78,7 +91,7 @@ def _add_train_args(p, sweep=False):
 
 
 def _config(args, **over):
-    from dpo.train import TrainConfig
+    from dpo.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
@@ -158,5 +171,8 @@ def _print_summary(s):
     ev = (s.get("probe") or {}).get("eval")
     line = f"{s['run_dir']}: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
     if ev:
-        line += f", eval reward accuracy {ev['reward_accuracy']:.3f} (margin {ev['reward_margin']:.3f})"
+        line += f", eval probe reward accuracy {ev['reward_accuracy']:.3f} (margin {ev['reward_margin']:.3f})"
+    if full := s.get("eval"):
+        line += (f", eval pass on {full['pairs']} pairs: loss {full['loss']:.4f}, reward accuracy "
+                 f"{full['reward_accuracy']:.3f}")
     print(line)

@@ -17,7 +17,9 @@ ratios), ``x = c - r = (pi_c - pi_r) - (ref_c - ref_r)`` (the DPO logit), ``l_c,
 ``s = sigmoid``.
 
 ``LOSSES`` maps each name to its function; :func:`compute` calls one by name with whatever subset of the available
-inputs/parameters its signature asks for. Names follow TRL 1.16 where the formula is the same.
+inputs/parameters its signature asks for. Names follow TRL 1.16 where the formula is the same. ``PARAMS`` lists
+the scalar parameters (range, meaning); with the signatures' defaults it is the one source of the trainer's config
+fields and flags for them.
 """
 
 import inspect
@@ -25,6 +27,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from dpo import limits
 
 Tensor = torch.Tensor
 
@@ -449,6 +453,22 @@ LOSSES = {
 # Losses whose per-example values are tied to ranks in the sorted batch, not to pairs.
 BATCH_LEVEL = {"aot", "aot_unpaired"}
 
+# The scalar loss parameters: their names, allowed values (dpo/limits.py notation) and meaning, in one place.
+# Defaults live in the loss functions' signatures above (beta is 0.1, simpo's 2.0). The trainer's config fields,
+# the command-line flags with their help, and the run's config.json are all derived from this table and those
+# signatures: a new parameter is a keyword argument of its loss plus one row here.
+PARAMS = {
+    "beta": ("(0, inf)", "temperature of the implicit reward beta * (policy - ref)"),
+    "label_smoothing": ("[0, 0.5)", "probability that a preference label is flipped (exo_pair: its epsilon)"),
+    "rpo_alpha": ("[0, inf)", "weight of the chosen NLL term"),
+    "rdpo_alpha": ("(-inf, inf)", "length penalty per token of length difference"),
+    "simpo_gamma": ("(-inf, inf)", "target reward margin"),
+    "dpop_lambda": ("[0, inf)", "weight of the chosen-likelihood penalty"),
+    "discopop_tau": ("(0, inf)", "gate temperature"),
+}
+# Where one loss allows other values than PARAMS says.
+PARAM_RANGES = {("exo_pair", "label_smoothing"): "(0, 1)"}
+
 _LOGP_ARGS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 _DATA_ARGS = ("chosen_len", "rejected_len")
 
@@ -464,23 +484,34 @@ def loss_params(name: str, overrides: dict | None = None) -> dict:
     return params
 
 
+def param_defaults(param: str) -> dict:
+    """{loss name: default} for every loss that takes `param`, read from the signatures."""
+    return {name: loss_params(name)[param] for name in LOSSES if param in loss_params(name)}
+
+
+def param_help(param: str) -> str:
+    """Command-line help for `param`: its meaning, which losses take it, and the defaults."""
+    defaults = param_defaults(param)
+    values = list(defaults.values())
+    common = max(set(values), key=values.count)
+    others = "; ".join(f"{n} {v:g}" for n, v in defaults.items() if v != common)
+    takers = "" if len(defaults) > len(LOSSES) // 2 else f"{', '.join(defaults)}: "
+    return f"{takers}{PARAMS[param][1]} (default {common:g}{'; ' + others if others else ''})"
+
+
 def needs(name: str) -> tuple[str, ...]:
     """Which per-example data (chosen_len, rejected_len) loss `name` needs besides the four log-prob sums."""
     return tuple(k for k in inspect.signature(LOSSES[name]).parameters if k in _DATA_ARGS)
 
 
 def check_params(name: str, params: dict) -> str | None:
-    """Return a one-line problem with the parameters of loss `name`, or None if they are usable."""
-    if params.get("beta", 1.0) <= 0:
-        return f"--beta must be > 0 for loss {name} (got {params['beta']})"
-    eps = params.get("label_smoothing")
-    if eps is not None:
-        if name == "exo_pair" and not 0 < eps < 1:
-            return f"loss exo_pair needs 0 < --label-smoothing < 1 (got {eps}; the paper uses 1e-3)"
-        if name != "exo_pair" and not 0 <= eps < 0.5:
-            return f"--label-smoothing must be in [0, 0.5) for loss {name} (got {eps})"
-    if params.get("discopop_tau", 1.0) <= 0:
-        return f"--discopop-tau must be > 0 (got {params['discopop_tau']})"
+    """Return a one-line problem with the parameters of loss `name` (each within its range from PARAMS), or
+    None if they are usable."""
+    for param, value in params.items():
+        spec = PARAM_RANGES.get((name, param), PARAMS[param][0])
+        if not limits.within(value, spec):
+            flag = "--" + param.replace("_", "-")
+            return f"{flag} must be {limits.describe(spec)} for loss {name} (got {value})"
     return None
 
 

@@ -2,13 +2,15 @@
 
 runs/<name>/steps.parquet      one row per optimizer step (STEPS_SCHEMA)
 runs/<name>/examples/*.parquet one row per (step, pair) (EXAMPLES_SCHEMA)
+runs/<name>/evals.parquet      one row per full pass over the eval cache (--eval-every; EVALS_SCHEMA)
 runs/<name>/config.json        resolved config, incl. the cache fingerprint(s) trained against
 runs/<name>/summary.json       written at the end: final numbers
 
 Step convention: the `steps` row with step=s holds the batch loss computed with the weights *before* update s
 (so step 0 on a policy equal to the reference has loss ln 2). A `probe` row with step=s was scored with the
 weights after s updates (step 0 = initial weights, all rewards 0). `train` rows in `examples` are the pairs of
-the batch of step s, with the values from that step's forward pass.
+the batch of step s, with the values from that step's forward pass. An `evals` row with step=s, like a probe,
+was scored with the weights after s updates, over every pair of the eval cache.
 """
 
 import pyarrow as pa
@@ -53,5 +55,27 @@ EXAMPLES_SCHEMA = pa.schema(
         ("loss", pa.float64()),  # per-example loss
         ("chosen_len", pa.int32()),
         ("rejected_len", pa.int32()),
+    ]
+)
+
+# TRL's eval metrics (eval_loss, eval_rewards/chosen, .../rejected, .../margins, .../accuracies, eval_logps/chosen,
+# .../rejected) under the names steps.parquet uses, each a mean over all `pairs` of the eval cache.
+EVALS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("step", pa.int64()),  # updates done before the pass
+        ("epoch", pa.float64()),
+        ("split", pa.string()),  # 'eval'
+        ("pairs", pa.int64()),  # pairs scored: the whole eval cache
+        ("loss", pa.float64()),
+        ("reward_chosen", pa.float64()),
+        ("reward_rejected", pa.float64()),
+        ("reward_margin", pa.float64()),
+        ("reward_accuracy", pa.float64()),
+        ("policy_chosen_logp", pa.float64()),
+        ("policy_rejected_logp", pa.float64()),
+        ("ref_chosen_logp", pa.float64()),
+        ("ref_rejected_logp", pa.float64()),
+        ("seconds", pa.float64()),  # wall time of the pass
     ]
 )
