@@ -42,6 +42,7 @@ def prepare(args) -> dict:
     that launches the measured ones must stay small."""
     import train as bench_train  # bench/train.py: its model and pairs builders
 
+    from pipeline.cache import is_cache
     from pipeline.precompute import precompute
 
     model = os.path.abspath(args.model) if args.model else bench_train.build_model(
@@ -49,7 +50,7 @@ def prepare(args) -> dict:
     data = os.path.abspath(args.data) if args.data else bench_train.build_data(
         os.path.join(args.work, f"pairs-{args.pairs}.jsonl"), args.pairs, 128, 128)
     cache = os.path.join(args.work, "cache")
-    if not os.path.isfile(os.path.join(cache, "manifest.json")):
+    if not is_cache(cache):
         precompute(data, model, cache, backend="hf", dtype="float32", limit=args.pairs, max_length=args.max_length,
                    max_prompt_length=min(512, args.max_length // 2), progress=False)
     return {"model": model, "data": data, "cache": cache}

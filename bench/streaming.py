@@ -103,7 +103,9 @@ def measure(n, work: Path, threads=None):
     data = write_pairs(work / f"pairs-{n}.jsonl", n)
     out = work / f"cache-{n}"
     wall, peak, timeline, summary = run_precompute(data, out, work / f"precompute-{n}.log", threads)
-    manifest = json.loads((out / "manifest.json").read_text())
+    from pipeline.cache import read_manifest
+
+    manifest = read_manifest(out)
     tokens = sum(manifest["tokens"].values())  # prompt + chosen + rejected, each counted once
     return {
         "pairs": n,

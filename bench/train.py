@@ -185,7 +185,9 @@ def main():
         )
     key = hashlib.sha256(f"{model}|{data}|{args.max_length}".encode()).hexdigest()[:10]
     cache = os.path.join(args.work, f"cache-{tag}-{key}")
-    if not os.path.isfile(os.path.join(cache, "manifest.json")):
+    from pipeline.cache import is_cache
+
+    if not is_cache(cache):
         # In a child process: a child starts with its parent's RSS as its own peak (Linux carries ru_maxrss over
         # fork and exec), so this process must stay small for the measured runs below.
         t0 = time.perf_counter()

@@ -102,7 +102,9 @@ def _config(args, **over):
 def _check_cache(path, flag):
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such directory; build one with `refcache precompute`")
-    if not os.path.isfile(os.path.join(path, "manifest.json")):
+    from pipeline.cache import is_cache
+
+    if not is_cache(path):
         raise UserError(
             f"{flag} {path}: not a refcache cache (no manifest.json); build one with `refcache precompute`"
         )

@@ -7,6 +7,7 @@ import shutil
 
 import torch
 
+from pipeline.cache import manifest_path
 from refcache import UserError
 
 
@@ -93,11 +94,11 @@ def manifest_model_path(manifest, cache_dir):
     model = manifest.get("model") or {}
     path = model.get("path") if isinstance(model, dict) else model
     if not path:
-        raise UserError(f"{cache_dir}/manifest.json names no model path; pass --model")
+        raise UserError(f"{manifest_path(cache_dir)} names no model path; pass --model")
     for cand in (path, os.path.join(cache_dir, path)):
         if os.path.isdir(cand):
             return cand
-    raise UserError(f"model {path} recorded in {cache_dir}/manifest.json not found here; pass --model DIR")
+    raise UserError(f"model {path} recorded in {manifest_path(cache_dir)} not found here; pass --model DIR")
 
 
 def check_policy(manifest, model_dir, cache_dir, allow_mismatch):
@@ -144,7 +145,7 @@ def check_caches(train_manifest, eval_manifest, train_dir, eval_dir, allow_misma
 
 
 def cache_fingerprint(cache_dir, manifest):
-    with open(os.path.join(cache_dir, "manifest.json"), "rb") as f:
+    with open(manifest_path(cache_dir), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     keep = ("schema_version", "model", "tokenizer", "tokenization", "backend", "dataset")
     return {

@@ -4,9 +4,9 @@
                                   key-value metadata b"refcache": the cache identity + this part's row
                                   counts and rejected rows (so each part is a self-contained unit of work).
                                   Every part has the same schema (pipeline.schema.part_schema)
-    CACHE/manifest.json           written by merge once every part is present and valid: the part list with
-                                  each part's bytes and sha256
     CACHE/__refcache__/           refcache's own files, out of the parts' glob (SIDE):
+      manifest.json               written by merge once every part is present and valid: the cache's identity
+                                  and the part list with each part's bytes and sha256
       rejected_rows.parquet       source_index, source_file, reason (merged from the parts)
       _written-I-of-N.jsonl       shard I/N's log: {file, bytes, sha256} of each part, appended before the part
                                   is renamed into place (a resumed run reuses a part only if its sha256 is on
@@ -16,10 +16,12 @@
                                   ctime when it was hashed (see `check_parts`)
     CACHE/.refcache-lock-*        held while a shard (one lock per shard) or merge writes (refcache.lock)
 
-So `CACHE/*.parquet` (Polars, DuckDB) is exactly the kept pairs. A schema-version-1 cache keeps the files of
-__refcache__/ at the top level; readers and merge look there too (`side_dir`, `_side_files`).
+So the directory holds the parts and nothing else a Parquet reader would open: `CACHE/*.parquet` (Polars,
+DuckDB) and the directory itself (`datasets.load_dataset("parquet", data_dir=CACHE)`, pyarrow.dataset) are exactly
+the kept pairs. A schema-version-1 cache keeps the files of __refcache__/ at the top level; readers and merge look
+there too (`side_dir`, `_side_files`, `manifest_path`).
 
-Readers: `read_manifest(cache_dir)`, `check_parts(cache_dir)` (the manifest's part files, each checked before
+Readers: `manifest_path(cache_dir)`, `read_manifest(cache_dir)`, `check_parts(cache_dir)` (the manifest's part files, each checked before
 use), `load_table(cache_dir, columns=None)`, `rejected_path(cache_dir, manifest)`. Training, verify and the
 DuckDB views all read through these.
 """
@@ -52,6 +54,7 @@ from refcache.lock import DirLock
 META_KEY = b"refcache"
 PART_RE = re.compile(r"part-\d{5,}\.parquet")
 SIDE = "__refcache__"  # a "__" folder: `datasets` skips it, as pyarrow.dataset and Spark skip "_" names
+MANIFEST = "manifest.json"
 SUMS_MEMO = "_sums.json"
 REJECTED_FILE = "rejected_rows.parquet"
 # A memo entry is trusted only for a file whose ctime is this much older than the entry: a change in the same
@@ -67,6 +70,18 @@ def part_name(k: int) -> str:
 def side_dir(cache_dir, version=SCHEMA_VERSION) -> Path:
     """Where a cache of this schema version keeps rejected rows and bookkeeping (version 1: the top level)."""
     return Path(cache_dir) / SIDE if version != 1 else Path(cache_dir)
+
+
+def manifest_path(cache_dir) -> Path:
+    """CACHE/__refcache__/manifest.json, or a version-1 cache's CACHE/manifest.json (where a new one is absent)."""
+    d = Path(cache_dir)
+    new = d / SIDE / MANIFEST
+    return d / MANIFEST if not new.exists() and (d / MANIFEST).exists() else new
+
+
+def is_cache(path) -> bool:
+    """True when `path` holds a finished cache's manifest (any readable schema version)."""
+    return manifest_path(path).is_file()
 
 
 def shard_name(i: int, n: int) -> str:
@@ -212,7 +227,7 @@ def recorded_sums(cache_dir: Path) -> dict[str, set]:
                 out[r["file"]].add(r["sha256"])
             except (ValueError, KeyError, TypeError):  # a line cut off by a kill
                 continue
-    for s in (read_json(cache_dir / "manifest.json") or {}).get("shards", []):
+    for s in (read_json(manifest_path(cache_dir)) or {}).get("shards", []):
         if isinstance(s, dict) and s.get("sha256") and s.get("file") not in out:
             out[s.get("file")] = {s["sha256"]}
     return out
@@ -250,7 +265,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     """Refuse to add to a cache made with other settings (checks manifest, shard manifests, parts)."""
     cache_dir = Path(cache_dir)
     found = []
-    for f in [cache_dir / "manifest.json", *_side_files(cache_dir, "_shard-*.json")]:
+    for f in [manifest_path(cache_dir), *_side_files(cache_dir, "_shard-*.json")]:
         m = read_json(f)
         if m is not None:
             found.append((f.relative_to(cache_dir), m.get("fingerprint"), m.get("settings", {})))
@@ -398,11 +413,12 @@ def _merge(cache_dir: Path) -> dict:
     if version != 1:  # the input's own columns (pipeline/columns.py), as every part has them
         manifest["extra_columns"] = first["settings"]["extra_columns"]
         manifest["skipped_columns"] = first["settings"]["skipped_columns"]
-    old = read_json(cache_dir / "manifest.json")
+    path = side_dir(cache_dir, version) / MANIFEST
+    old = read_json(path)
     # re-running a finished cache: keep its manifest (and its sha256) unless something changed
     if old is None or {k: v for k, v in old.items() if k != "created"} != \
             {k: v for k, v in manifest.items() if k != "created"}:
-        write_json(cache_dir / "manifest.json", manifest)
+        write_json(path, manifest)
     else:
         manifest = old
     write_memo(cache_dir, memo, version)
@@ -413,7 +429,7 @@ def _merge(cache_dir: Path) -> dict:
 
 
 def read_manifest(cache_dir) -> dict:
-    path = Path(cache_dir) / "manifest.json"
+    path = manifest_path(cache_dir)
     if not path.exists():
         if glob.glob(str(Path(cache_dir) / "part-*.parquet")):
             raise UserError(f"{cache_dir}: not a finished refcache cache (no manifest.json; parts exist: finish the "
@@ -480,7 +496,7 @@ def check_parts(cache_dir, manifest=None, full=False) -> list[Path]:
     listed = [s.get("file") if isinstance(s, dict) else None for s in m.get("shards", [])]
     bad = [f for f in listed if not (isinstance(f, str) and PART_RE.fullmatch(f))]
     if bad:
-        raise UserError(f"{cache_dir}/manifest.json: bad part name {bad[0]!r} in its part list; re-run precompute")
+        raise UserError(f"{manifest_path(cache_dir)}: bad part name {bad[0]!r} in its part list; re-run precompute")
     extra = sorted({f.name for f in cache_dir.glob("part-*.parquet")} - set(listed))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -500,7 +516,7 @@ def check_parts(cache_dir, manifest=None, full=False) -> list[Path]:
                             f"manifest says {s['bytes']:,}: truncated or rewritten); re-run precompute (same "
                             "command) to recompute it")
         if not s.get("sha256"):
-            raise UserError(f"{cache_dir}/manifest.json lists {s['file']} without a sha256; re-run precompute")
+            raise UserError(f"{manifest_path(cache_dir)} lists {s['file']} without a sha256; re-run precompute")
         key, e = _stat_key(st), memo.get(s["file"])
         if isinstance(e, dict) and e == {**key, "sha256": s["sha256"]} and key["ctime_ns"] < recorded_ns - RACY_NS:
             paths.append(path)

@@ -102,7 +102,7 @@ def _find_cache_path(value, run_dir: Path):
         return None
     p = Path(value)
     for cand in ([p] if p.is_absolute() else [Path.cwd() / p, run_dir / p, run_dir.parent / p]):
-        if (cand / "manifest.json").exists() or any(cand.glob("part-*.parquet")):
+        if pcache.is_cache(cand) or any(cand.glob("part-*.parquet")):
             return cand.resolve()
     return None
 

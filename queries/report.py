@@ -23,6 +23,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.cache import manifest_path
 from queries.db import attached, connect, view_sources
 from queries.findings import default_top, findings
 from queries.fmt import format_column, num
@@ -317,7 +318,7 @@ def _pair_texts(con, disp: pl.DataFrame) -> dict:
     for r in rows.iter_rows(named=True):
         cache = r["cache"]
         if cache not in toks:
-            mf = Path(dirs.get(cache, "")) / "manifest.json"
+            mf = manifest_path(dirs.get(cache, ""))
             try:
                 toks[cache] = _tokenizer_for(json.loads(mf.read_text())) if mf.exists() else None
             except ValueError:

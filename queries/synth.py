@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
-from pipeline.cache import REJECTED_FILE, side_dir
+from pipeline.cache import REJECTED_FILE, manifest_path, side_dir
 from pipeline.fingerprint import file_sha256
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
 
@@ -118,7 +118,8 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
         "shards": shards,
         "fingerprint": hashlib.sha256(f"synthetic:{seed}:{n_pairs}".encode()).hexdigest(),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest_path(out).parent.mkdir(exist_ok=True)
+    manifest_path(out).write_text(json.dumps(manifest, indent=1))
     return table
 
 

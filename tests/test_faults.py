@@ -176,7 +176,7 @@ def refused_everywhere(cache_dir, tmp_path, capsys, needle):
 def test_bit_flip_is_refused_then_recomputed_not_blessed(tmp_path, data, tiny_model_dir, scorer, reference, capsys):
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
-    manifest = (out / "manifest.json").read_bytes()
+    manifest = (out / "__refcache__" / "manifest.json").read_bytes()
     part = out / "part-00001.parquet"
     flip_bit(part)
     refused_everywhere(out, tmp_path, capsys, f"{part}: contents changed since the manifest was written")
@@ -184,7 +184,7 @@ def test_bit_flip_is_refused_then_recomputed_not_blessed(tmp_path, data, tiny_mo
     summary = build(data, tiny_model_dir, out, scorer)
     assert summary["parts_written"] == 1 and summary["parts_skipped"] == 2
     assert "part-00001.parquet: its bytes are not what refcache wrote" in capsys.readouterr().err
-    assert (out / "manifest.json").read_bytes() == manifest
+    assert (out / "__refcache__" / "manifest.json").read_bytes() == manifest
     assert_same_cache(out, reference)
     assert cli_main(["verify", str(out), "--sample", "2"]) == 0
 
@@ -245,9 +245,9 @@ def test_verify_checks_every_pairs_sums_and_lengths(tmp_path, data, tiny_model_d
     sums[2] += 1.0
     t = t.set_column(t.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp", pa.array(sums))
     pq.write_table(t.replace_schema_metadata(pf.schema_arrow.metadata), part, compression="zstd")
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / "__refcache__" / "manifest.json").read_text())
     m["shards"][1].update(sha256=file_sha256(part), bytes=part.stat().st_size)
-    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "__refcache__" / "manifest.json").write_text(json.dumps(m))
     src = t.column("source_index")[2].as_py()
     err = one_line_error(["verify", out, "--sample", 1], capsys)
     assert f"source_index {src}: stored ref_chosen_logp" in err and "is not the sum of its" in err
@@ -260,9 +260,9 @@ def test_verify_checks_every_pairs_sums_and_lengths(tmp_path, data, tiny_model_d
     lens[0] += 1
     t = t.set_column(t.schema.get_field_index("rejected_len"), "rejected_len", pa.array(lens, pa.int32()))
     pq.write_table(t, part, compression="zstd")
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / "__refcache__" / "manifest.json").read_text())
     m["shards"][1].update(sha256=file_sha256(part), bytes=part.stat().st_size)
-    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "__refcache__" / "manifest.json").write_text(json.dumps(m))
     assert "rejected_len" in one_line_error(["verify", out, "--sample", 1], capsys)
 
 

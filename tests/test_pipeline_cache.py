@@ -125,7 +125,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, small_cache, ti
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    assert not (out / "__refcache__" / "manifest.json").exists(), "the run finished before it could be killed"
     written = sorted(p.name for p in out.glob("part-*.parquet"))
     assert 1 <= len(written) < PARTS
     with pytest.raises(UserError, match="no manifest.json"):
@@ -150,7 +150,7 @@ def test_two_shards_then_merge_equal_single_process(tmp_path, small_cache, tiny_
                            "--backend", "hf", "--limit", 48, "--part-size", 2, "--no-progress", "--shard", "0/2"),
                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    assert "shard 0/2 done" in r.stdout and not (out / "manifest.json").exists()
+    assert "shard 0/2 done" in r.stdout and not (out / "__refcache__" / "manifest.json").exists()
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{k:05d}.parquet" for k in range(0, PARTS, 2)]
     assert cli_main(["merge", str(out)]) == 2
     assert "re-run shard(s) 1/2" in capsys.readouterr().err
@@ -167,17 +167,17 @@ def test_rerun_of_a_finished_cache_changes_nothing(tmp_path, small_cache, tiny_m
     (train --resume, the demo re-run) still match it."""
     out = tmp_path / "cache"
     shutil.copytree(small_cache, out)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "__refcache__" / "manifest.json").read_text())
     manifest["created"] = "2020-01-01T00:00:00Z"  # made earlier: a rewrite would show
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (out / "__refcache__" / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    def contract_files():  # parts, manifest.json, __refcache__/rejected_rows.parquet (not the _-prefixed
+    def contract_files():  # parts, __refcache__/manifest.json and rejected_rows.parquet (not the _-prefixed
         # bookkeeping files: _shard-*.json progress notes, _written-*.jsonl write logs, the _sums.json memo)
         return {f.relative_to(out).as_posix(): f.read_bytes() for f in out.rglob("*")
                 if f.is_file() and not f.name.startswith("_")}
 
     before = contract_files()
-    assert "__refcache__/rejected_rows.parquet" in before and "manifest.json" in before
+    assert "__refcache__/rejected_rows.parquet" in before and "__refcache__/manifest.json" in before
     precompute(prefs_dir / "train.jsonl", tiny_model_dir, out, **SMALL)
     assert contract_files() == before
 
@@ -233,9 +233,9 @@ def test_verify_passes_on_a_good_cache_and_fails_on_a_bad_one(tmp_path, eval_cac
     _rewrite_part(part, 1e-3)
     assert cli_main(["verify", str(bad), "--sample", "8"]) == 2  # part changed after the manifest: refused
     assert "contents changed" in capsys.readouterr().err
-    m = json.loads((bad / "manifest.json").read_text())
+    m = json.loads((bad / "__refcache__" / "manifest.json").read_text())
     m["shards"][0].update(sha256=file_sha256(part), bytes=part.stat().st_size)  # as if blessed by a re-run
-    (bad / "manifest.json").write_text(json.dumps(m))
+    (bad / "__refcache__" / "manifest.json").write_text(json.dumps(m))
     assert cli_main(["verify", str(bad), "--sample", "8", "--json"]) == 1
     r = json.loads(capsys.readouterr().out)
     assert not r["passed"] and r["max_abs_diff"] == pytest.approx(1e-3, rel=0.05)

@@ -65,7 +65,7 @@ def test_registry_feeds_the_cli_and_refuses_a_wrong_setting(tmp_path, tiny_model
                      "--kv-cache-gib", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--kv-cache-gib applies to the vllm backend, not hf" in err
-    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not (tmp_path / "c" / "__refcache__" / "manifest.json").exists()
 
     hf = make_scorer("hf", tiny_model_dir, batch_size=4)
     assert isinstance(hf, Scorer) and hf.settings()["batch_size"] == 4

@@ -39,9 +39,9 @@ def world(tmp_path_factory):
     tok.pre_tokenizer = WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(root / "tok")
     for c in ("cache", "eval_cache"):
-        mf = json.loads((w[c] / "manifest.json").read_text())
+        mf = json.loads((w[c] / "__refcache__" / "manifest.json").read_text())
         mf["model"] = {"path": str(root / "tok")}
-        (w[c] / "manifest.json").write_text(json.dumps(mf))
+        (w[c] / "__refcache__" / "manifest.json").write_text(json.dumps(mf))
     return w
 
 
@@ -89,9 +89,9 @@ def test_report_cli_falls_back_to_ids(world, tmp_path, capsys):
     caches = []
     for c in ("cache", "eval_cache"):  # copies whose manifest names a model that is not a local directory
         shutil.copytree(world[c], tmp_path / c)
-        mf = json.loads((tmp_path / c / "manifest.json").read_text())
+        mf = json.loads((tmp_path / c / "__refcache__" / "manifest.json").read_text())
         mf["model"] = {"path": "some-org/not-here"}
-        (tmp_path / c / "manifest.json").write_text(json.dumps(mf))
+        (tmp_path / c / "__refcache__" / "manifest.json").write_text(json.dumps(mf))
         caches.append(str(tmp_path / c))
     args = parser.parse_args(["report", str(world["runs"][0]), "--cache", *caches, "--out", str(tmp_path / "r")])
     assert args.func(args) == 0
