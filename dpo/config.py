@@ -154,7 +154,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def report_to(value) -> tuple:
     """--report-to as a tuple of dashboard names: a name, a comma list or a list of them; "none" = no dashboard.
     One-line UserError for an unknown name or a missing package."""
-    from dpo.dashboards import REPORT_TO, check_installed
+    from dpo.dashboards import REPORT_TO, check_usable
 
     items = [value] if isinstance(value, str) else list(value or ())
     names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
@@ -164,7 +164,7 @@ def report_to(value) -> tuple:
     if "none" in names and len(names) > 1:
         raise UserError(f"--report-to {','.join(names)}: none means no dashboard; give it alone")
     names = tuple(dict.fromkeys(n for n in names if n != "none"))
-    check_installed(names)
+    check_usable(names)
     return names
 
 

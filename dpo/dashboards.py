@@ -29,11 +29,15 @@ REPORT_TO = ("tensorboard", "wandb")
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> (package, pip extra)
 
 
-def check_installed(names):
-    """One-line UserError naming the pip extra when a dashboard's package is missing."""
+def check_usable(names):
+    """One-line UserError, before anything is written, when a dashboard cannot start: its package is missing
+    (naming the pip extra), or W&B is told to go online (WANDB_MODE=online) without a login."""
     for name in names:
         if importlib.util.find_spec(name) is None:
             raise UserError(f"--report-to {name} needs the {name} package: pip install 'refcache[{EXTRAS[name]}]'")
+    if "wandb" in names and os.environ.get("WANDB_MODE") == "online" and not logged_in():
+        raise UserError("--report-to wandb: WANDB_MODE=online but there is no W&B login (WANDB_API_KEY or `wandb "
+                        "login`); log in, or unset WANDB_MODE to log offline")
 
 
 def tags(row: dict, prefix: str) -> dict:
@@ -91,9 +95,14 @@ class WandB:
         self.record = os.path.join(self.dir, "refcache-sent.json")
         self.sent = _read_sent(self.record)  # the last step W&B has been sent, -1 = none
         mode = os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "refcache"), id=run_id,
-                              name=os.path.basename(os.path.normpath(out)), dir=out, mode=mode, resume="allow",
-                              config=config)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "refcache"), id=run_id,
+                                  name=os.path.basename(os.path.normpath(out)), dir=out, mode=mode, resume="allow",
+                                  config=config)
+        except Exception as e:  # noqa: BLE001 - W&B's own errors (login, network), reported on one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--report-to wandb: W&B did not start in {mode} mode ({first}); set "
+                            "WANDB_MODE=offline to log without a server") from None
         if mode == "offline":
             print(f"W&B: no login found, logging offline to {self.dir} (upload: wandb sync "
                   f"{self.dir}/offline-run-*)", file=sys.stderr)

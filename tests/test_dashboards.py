@@ -196,6 +196,11 @@ def test_report_to_flag_errors_are_one_line(capsys, tmp_path, train_cache, monke
 
     assert "'mlflow' is not one of: tensorboard, wandb, none" in error("--report-to", "mlflow")
     assert "none means no dashboard" in error("--report-to", "none,tensorboard")
+    for k in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "online")  # asked to go online without a login
+    assert "WANDB_MODE=online but there is no W&B login" in error("--report-to", "wandb")
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
     assert "pip install 'refcache[wandb]'" in error("--report-to", "tensorboard", "wandb")
     assert not (tmp_path / "r").exists()  # refused before anything was written
