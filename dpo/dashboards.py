@@ -25,8 +25,7 @@ from urllib.parse import urlparse
 from dpo.runlog_schema import EVALS_SCHEMA, TRL_METRICS
 from refcache import UserError
 
-REPORT_TO = ("tensorboard", "wandb")
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> (package, pip extra)
+REPORT_TO = ("tensorboard", "wandb")  # each is also the name of its package and of refcache's pip extra for it
 
 
 def check_usable(names):
@@ -34,7 +33,7 @@ def check_usable(names):
     (naming the pip extra), or W&B is told to go online (WANDB_MODE=online) without a login."""
     for name in names:
         if importlib.util.find_spec(name) is None:
-            raise UserError(f"--report-to {name} needs the {name} package: pip install 'refcache[{EXTRAS[name]}]'")
+            raise UserError(f"--report-to {name} needs the {name} package: pip install 'refcache[{name}]'")
     if "wandb" in names and os.environ.get("WANDB_MODE") == "online" and not logged_in():
         raise UserError("--report-to wandb: WANDB_MODE=online but there is no W&B login (WANDB_API_KEY or `wandb "
                         "login`); log in, or unset WANDB_MODE to log offline")
@@ -57,9 +56,14 @@ def open_dashboards(names, out: str, run_id: str, config: dict, start_step: int,
     """The dashboards named in `names`, started for a run in `out` at `start_step`; `restored` = [(step, tags)]
     the checkpoint brought back (all before start_step), for a dashboard that has not seen them."""
     boards = []
-    for name in names:
-        cls = {"tensorboard": TensorBoard, "wandb": WandB}[name]
-        boards.append(cls(out, run_id, config, start_step, restored))
+    try:
+        for name in names:
+            boards.append({"tensorboard": TensorBoard, "wandb": WandB}[name](out, run_id, config, start_step,
+                                                                            restored))
+    except BaseException:
+        for board in boards:
+            board.close()
+        raise
     return boards
 
 
@@ -103,7 +107,7 @@ class WandB:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"--report-to wandb: W&B did not start in {mode} mode ({first}); set "
                             "WANDB_MODE=offline to log without a server") from None
-        if mode == "offline":
+        if mode == "offline" and not os.environ.get("WANDB_MODE"):
             print(f"W&B: no login found, logging offline to {self.dir} (upload: wandb sync "
                   f"{self.dir}/offline-run-*)", file=sys.stderr)
         self.pending = [(s, v) for s, v in restored if s > self.sent]
