@@ -177,16 +177,19 @@ def _values(args, field) -> list:
 
 def sweep_runs(args) -> list:
     """[(run directory name, {field: value})] for every combination of the sweep flags' values. The name is
-    <loss>-beta<B>, then -<flag><value> for each other setting that takes more than one value."""
+    <loss>-beta<B>, then -<flag><value> for each other setting that takes more than one value. A loss parameter
+    the run's loss does not take is left out (so `--loss sigmoid,simpo --simpo-gamma 0.5,1` is 3 runs, not 4)."""
     grid = {f: _values(args, f) for f in SWEEP_FIELDS}
     varying = [f for f in SWEEP_FIELDS if f not in ("loss", "beta") and len(grid[f]) > 1]
-    runs = []
+    runs = {}
     for combo in itertools.product(*grid.values()):
         over = dict(zip(grid, combo))
+        takes = L.loss_params(over["loss"]) if over["loss"] in L.LOSSES else {}
+        over = {f: v for f, v in over.items() if v is not None and (f not in L.PARAMS or f in takes)}
         name = f"{over['loss']}-beta{over['beta']:g}" + "".join(
-            f"-{f.replace('_', '-')}{over[f]:g}" for f in varying)
-        runs.append((name, {f: v for f, v in over.items() if v is not None}))
-    return runs
+            f"-{f.replace('_', '-')}{over[f]:g}" for f in varying if f in over)
+        runs.setdefault(name, over)
+    return list(runs.items())
 
 
 def cmd_sweep(args) -> int:

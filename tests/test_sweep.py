@@ -37,6 +37,9 @@ def test_names_carry_every_setting_that_varies():
     # a setting given once is in every run's config, not in the names
     assert [n for n, _ in sweep_runs(_args(beta="0.1,0.2", lr="1e-5", label_smoothing="0.1"))] == [
         "sigmoid-beta0.1", "sigmoid-beta0.2"]
+    # a loss parameter only for the losses that take it: 2 simpo runs and 1 sigmoid run, not 2 of each
+    assert [n for n, _ in sweep_runs(_args(loss="sigmoid,simpo", beta="2", simpo_gamma="0.5,1"))] == [
+        "sigmoid-beta2", "simpo-beta2-simpo-gamma0.5", "simpo-beta2-simpo-gamma1"]
     names = [n for n, _ in sweep_runs(_args(beta="0.1", label_smoothing="0,0.1", batch_size="4,8"))]
     assert names == ["sigmoid-beta0.1-label-smoothing0-batch-size4", "sigmoid-beta0.1-label-smoothing0-batch-size8",
                      "sigmoid-beta0.1-label-smoothing0.1-batch-size4", "sigmoid-beta0.1-label-smoothing0.1-batch-size8"]
