@@ -180,11 +180,13 @@ def sweep_runs(args) -> list:
     <loss>-beta<B>, then -<flag><value> for each other setting that takes more than one value. A loss parameter
     the run's loss does not take is left out (so `--loss sigmoid,simpo --simpo-gamma 0.5,1` is 3 runs, not 4)."""
     grid = {f: _values(args, f) for f in SWEEP_FIELDS}
+    for name in grid["loss"]:
+        _check_loss(name)
     varying = [f for f in SWEEP_FIELDS if f not in ("loss", "beta") and len(grid[f]) > 1]
     runs = {}
     for combo in itertools.product(*grid.values()):
         over = dict(zip(grid, combo))
-        takes = L.loss_params(over["loss"]) if over["loss"] in L.LOSSES else {}
+        takes = L.loss_params(over["loss"])
         over = {f: v for f, v in over.items() if v is not None and (f not in L.PARAMS or f in takes)}
         name = f"{over['loss']}-beta{over['beta']:g}" + "".join(
             f"-{f.replace('_', '-')}{over[f]:g}" for f in varying if f in over)
@@ -198,8 +200,6 @@ def cmd_sweep(args) -> int:
     from dpo.train import train
 
     runs = sweep_runs(args)
-    for _, over in runs:
-        _check_loss(over["loss"])
     _check_cache(args.cache, "--cache")
     if args.eval_cache:
         _check_cache(args.eval_cache, "--eval-cache")
