@@ -31,6 +31,7 @@ class TrainConfig:
     cache: str  # stage-1 cache directory with the training pairs
     out: str  # run directory (created; must be new unless resume=True)
     eval_cache: str | None = None  # stage-1 cache with eval pairs: probes (split='eval') and the eval pass
+    where: str | None = None  # SQL predicate over the cache's `pairs` view: train on the pairs it keeps (dpo/subset.py)
     model: str | None = None  # policy initialisation (HF dir); None = the model recorded in the cache manifest
     loss: str = "sigmoid"  # a name in dpo.losses.LOSSES
     steps: int | None = None  # optimizer steps; None = from epochs
@@ -66,6 +67,7 @@ class TrainConfig:
     save_final: bool = True  # write out/final/ in Hugging Face format
     threads: int | None = None  # torch CPU threads (None = torch's default)
     progress: bool = True  # tqdm progress bar (rank 0)
+    report_to: tuple = ()  # dashboards written beside the Parquet logs: "tensorboard", "wandb" (dpo/dashboards.py)
 
 
 # Allowed values of the numeric fields (dpo/limits.py notation). Integer fields must also be integers.
@@ -102,7 +104,7 @@ PATHS = ("cache", "out", "eval_cache", "model", "ref_model")
 
 # Fields that may differ between a run and its resumption (how it runs, not what it computes).
 RESUME_FREE = {"resume", "progress", "out", "flush_seconds", "threads", "keep_checkpoints", "max_tokens",
-               "parallel", "world_size", "micro_batch_size"}
+               "parallel", "world_size", "micro_batch_size", "report_to"}
 
 
 def flag(field: str) -> str:
@@ -142,7 +144,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"{flag(k)} must be a finite number (got {v!r})")
     if cfg.eval_every and not cfg.eval_cache:
         raise UserError("--eval-every scores the eval cache: pass --eval-cache too")
+    if cfg.where is not None and (not isinstance(cfg.where, str) or not cfg.where.strip()):
+        raise UserError(f"--where must be an SQL predicate over the pairs view, e.g. \"ln_ches < 0.5\" (got "
+                        f"{cfg.where!r})")
+    cfg.report_to = report_to(cfg.report_to)
     return cfg
+
+
+def report_to(value) -> tuple:
+    """--report-to as a tuple of dashboard names: a name, a comma list or a list of them; "none" = no dashboard.
+    One-line UserError for an unknown name or a missing package."""
+    from dpo.dashboards import REPORT_TO, check_usable
+
+    items = [value] if isinstance(value, str) else list(value or ())
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    for n in names:
+        if n not in (*REPORT_TO, "none"):
+            raise UserError(f"--report-to {n!r} is not one of: {', '.join(REPORT_TO)}, none")
+    if "none" in names and len(names) > 1:
+        raise UserError(f"--report-to {','.join(names)}: none means no dashboard; give it alone")
+    names = tuple(dict.fromkeys(n for n in names if n != "none"))
+    check_usable(names)
+    return names
 
 
 def loss_params(cfg: TrainConfig) -> dict:

@@ -102,6 +102,22 @@ def load_pairs(cache_dir: str) -> Pairs:
     return p
 
 
+def take(p: Pairs, rows: np.ndarray) -> Pairs:
+    """The pairs at `rows` (in that order), as a Pairs of their own (same path and manifest)."""
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def lists(flat):
+        values, offsets = flat
+        lens = np.diff(offsets)[rows]
+        new = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        return values[np.repeat(offsets[rows] - new[:-1], lens) + np.arange(new[-1])], new
+
+    return Pairs(path=p.path, manifest=p.manifest, pair_id=p.pair_id[rows], source_index=p.source_index[rows],
+                 prompt=lists(p.prompt), chosen=lists(p.chosen), rejected=lists(p.rejected),
+                 ref_chosen_logp=p.ref_chosen_logp[rows], ref_rejected_logp=p.ref_rejected_logp[rows],
+                 prompt_len=p.prompt_len[rows], chosen_len=p.chosen_len[rows], rejected_len=p.rejected_len[rows])
+
+
 def _validate(p: Pairs):
     def bad(mask, what):
         i = int(np.flatnonzero(mask)[0])

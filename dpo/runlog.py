@@ -6,7 +6,8 @@
 - A lock file (refcache.lock.DirLock) keeps a second writer out while a run writes the directory.
 - `RunLog` holds the step rows, the eval rows and the buffered example rows; it flushes them (steps.parquet and
   evals.parquet rewritten whole, examples/ one new part per flush, all atomic), writes checkpoints, drops the
-  rows a resumed run will redo, and writes summary.json.
+  rows a resumed run will redo, and writes summary.json. The same rows go to the dashboards of --report-to
+  (dpo/dashboards.py: tensorboard/, wandb/).
 
 Only rank 0 writes, except sharded (FSDP) checkpoints, of which every process writes its own shards.
 """
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dpo import dashboards as DB
 from dpo import model as M
 from dpo import parallel as P
 from dpo.config import RESUME_FREE, TrainConfig
@@ -36,7 +38,7 @@ from refcache.lock import LOCK_PREFIX, DirLock
 
 RUN_KIND = "refcache-run"
 OWN_ENTRIES = ("config.json", "steps.parquet", "evals.parquet", "summary.json", "examples", "checkpoints",
-               "final", "final.tmp")
+               "final", "final.tmp", "tensorboard", "wandb")
 
 
 # ---- per-pair results ---------------------------------------------------------------------------------------
@@ -162,6 +164,24 @@ def _changed(old: dict, new: dict) -> list:
     return [k for k in new if k not in skip and _norm(old.get(k, defaults.get(k))) != _norm(new[k])]
 
 
+def settings_changed(out: str, cfg: TrainConfig) -> list:
+    """[(setting, value in out's config.json, value in cfg)] for the settings of a validated `cfg` that differ from
+    the run in `out`, by the rule a resume applies (_changed). Settings training derives when cfg leaves them
+    open (model, ref_model, device) count as the run's; the caches count by their fingerprints."""
+    from dpo.config import loss_params
+    from pipeline.cache import read_manifest
+
+    old = read_run_config(out)
+    new = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if not (k in ("model", "ref_model") and v is None) and not (k == "device" and v == "auto")}
+    new["loss_params"] = loss_params(cfg)
+    new["cache_fingerprint"] = M.cache_fingerprint(cfg.cache, read_manifest(cfg.cache))
+    if cfg.eval_cache:
+        new["eval_cache_fingerprint"] = M.cache_fingerprint(cfg.eval_cache, read_manifest(cfg.eval_cache))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [(k, old.get(k, defaults.get(k)), new[k]) for k in _changed(old, new)]
+
+
 def _refuse_foreign(out: str) -> str:
     """The state of `out` (see _state); a UserError if it holds what refcache did not write."""
     state = _state(out)
@@ -237,6 +257,15 @@ class RunLog:
         self.last_probe: dict = {}  # split -> the latest probe's means
         self.seconds = {"train": 0.0, "probe": 0.0, "eval": 0.0, "log": 0.0, "checkpoint": 0.0}
         self.last_flush = time.perf_counter()
+        self.boards = []  # TensorBoard / W&B writers (rank 0), from start_dashboards
+
+    def start_dashboards(self, names, config: dict, start_step: int):
+        """Open the --report-to dashboards (rank 0), giving them the rows restored from a checkpoint."""
+        if self.world.master and names:
+            restored = [(r["step"], DB.step_tags(r)) for r in self.steps] + \
+                [(r["step"], DB.eval_tags(r)) for r in self.evals]
+            self.boards = DB.open_dashboards(names, self.out, self.run_id, config, start_step,
+                                             sorted(restored, key=lambda x: x[0]))
 
     # -- rows --
 
@@ -271,6 +300,8 @@ class RunLog:
         if self.world.master:
             self.steps.append(row)
             self.examples.append(self._example_columns(step, "train", "train", pairs, r.scores))
+            for board in self.boards:
+                board.log(step, DB.step_tags(row))
         self.seconds["log"] += time.perf_counter() - t0
         return row
 
@@ -287,8 +318,11 @@ class RunLog:
     def add_eval(self, step: int, s: Scores, seconds: float):
         """Log the eval pass after `step` updates (one evals.parquet row)."""
         self.seconds["eval"] += seconds
-        self.evals.append({"run_id": self.run_id, "step": step, "epoch": step / self.steps_per_epoch,
-                           "split": "eval", "pairs": len(s), **s.means(), "seconds": seconds})
+        row = {"run_id": self.run_id, "step": step, "epoch": step / self.steps_per_epoch, "split": "eval",
+               "pairs": len(s), **s.means(), "seconds": seconds}
+        self.evals.append(row)
+        for board in self.boards:
+            board.log(step, DB.eval_tags(row))
 
     # -- files --
 
@@ -306,6 +340,8 @@ class RunLog:
             _write_parquet(pa.table(cols, schema=EXAMPLES_SCHEMA), path)
             self.part += 1
             self.examples.clear()
+        for board in self.boards:
+            board.flush()
         self.last_flush = time.perf_counter()
         self.seconds["log"] += self.last_flush - t0
 
@@ -380,7 +416,9 @@ class RunLog:
             raise UserError(f"{path}: written for another data order ({data}); resume with the same settings")
         run.sched.load_state_dict(state["scheduler"])
         set_rng(rng)
-        self.steps, self.evals = list(state["steps_rows"]), list(state.get("eval_rows", []))
+        # the final checkpoint holds the last eval pass; a resume from it redoes that pass
+        self.steps = list(state["steps_rows"])
+        self.evals = [r for r in state.get("eval_rows", []) if r["step"] < state["step"]]
         if self.world.master:
             self.part = _truncate_examples(os.path.join(self.out, "examples"), state["step"])
         return state["step"]
@@ -428,6 +466,9 @@ class RunLog:
         return summary
 
     def close(self):
+        boards, self.boards = self.boards, []
+        for board in boards:
+            board.close()
         if self.lock:
             self.lock.release()
             self.lock = None

@@ -3,8 +3,11 @@
 runs/<name>/steps.parquet      one row per optimizer step (STEPS_SCHEMA)
 runs/<name>/examples/*.parquet one row per (step, pair) (EXAMPLES_SCHEMA)
 runs/<name>/evals.parquet      one row per full pass over the eval cache (--eval-every; EVALS_SCHEMA)
-runs/<name>/config.json        resolved config, incl. the cache fingerprint(s) trained against
+runs/<name>/config.json        resolved config, incl. the cache fingerprint(s) trained against, and with --where the
+                               predicate (`where`) and its counts (`where_pairs`: cache_pairs, kept, dropped)
 runs/<name>/summary.json       written at the end: final numbers
+runs/<name>/tensorboard/       --report-to tensorboard: event files, the TRL_METRICS below (dpo/dashboards.py)
+runs/<name>/wandb/             --report-to wandb: W&B's run directories (offline where no login exists)
 
 Step convention: the `steps` row with step=s holds the batch loss computed with the weights *before* update s
 (so step 0 on a policy equal to the reference has loss ln 2). A `probe` row with step=s was scored with the
@@ -79,3 +82,19 @@ EVALS_SCHEMA = pa.schema(
         ("seconds", pa.float64()),  # wall time of the pass
     ]
 )
+
+# TRL's metric names -> the steps.parquet column that holds it (evals.parquet too, except grad_norm and lr), and
+# its unit. The one mapping from our columns to TRL's names: the TensorBoard / W&B tags (dpo/dashboards.py:
+# `train/<name>` per steps row, `eval/<name>` per eval pass, as transformers' callbacks name a DPOTrainer's logs)
+# and the report's step curves (queries/report.py, panels in this order) both read it.
+TRL_METRICS = [
+    ("loss", "loss", "loss (nats)"),
+    ("rewards/margins", "reward_margin", "β·nats"),
+    ("rewards/accuracies", "reward_accuracy", "share of batch pairs"),
+    ("rewards/chosen", "reward_chosen", "β·nats"),
+    ("rewards/rejected", "reward_rejected", "β·nats"),
+    ("grad_norm", "grad_norm", "L2 norm, before clipping"),
+    ("logps/chosen", "policy_chosen_logp", "nats per completion"),
+    ("logps/rejected", "policy_rejected_logp", "nats per completion"),
+    ("learning_rate", "lr", "learning rate"),
+]

@@ -9,7 +9,8 @@ Python API: ``train(TrainConfig(cache=..., out=...)) -> summary dict``; or ``wit
 Command line: ``refcache train``.
 
 Run directory (dpo/runlog.py, schemas in dpo/runlog_schema.py): config.json, steps.parquet, evals.parquet,
-examples/part-*.parquet, checkpoints/step-*, final/ (Hugging Face format), summary.json.
+examples/part-*.parquet, checkpoints/step-*, final/ (Hugging Face format), summary.json; tensorboard/ and wandb/
+with --report-to (dpo/dashboards.py). ``where`` trains on the pairs an SQL predicate keeps (dpo/subset.py).
 
 Batch semantics: ``batch_size`` pairs per optimizer step in total (across all processes), split into
 ``world_size * grad_accum`` equal micro-batches of similar length; the loss is the mean over the batch. So the
@@ -35,6 +36,7 @@ from dpo import data as D
 from dpo import losses as L
 from dpo import model as M
 from dpo import parallel as P
+from dpo import subset as S
 from dpo.config import TrainConfig, loss_params, validate
 from dpo.logps import CompletionLogps, batch_logps
 from dpo.model import load_causal_lm, load_policy
@@ -155,14 +157,17 @@ def setup(cfg: TrainConfig) -> Run:
         if cfg.batch_size % n_micro:
             raise UserError(
                 f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = {n_micro}")
-        train_pairs, eval_pairs = _load_data(cfg)
+        train_pairs, eval_pairs, where_pairs = _load_data(cfg, world)
         steps_per_epoch = len(train_pairs) // cfg.batch_size
         if steps_per_epoch == 0:
-            raise UserError(f"{cfg.cache}: {len(train_pairs)} pairs are fewer than --batch-size {cfg.batch_size}")
+            kept = " (kept by --where)" if cfg.where else ""
+            raise UserError(f"{cfg.cache}: {len(train_pairs)} pairs{kept} are fewer than --batch-size "
+                            f"{cfg.batch_size}; pass --batch-size {len(train_pairs)} or less")
         total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
         warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
         parallel = P.mode(cfg.parallel, world)
         resolved = _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup)
+        resolved["where_pairs"] = where_pairs
         run_id, ckpt, lock = open_run_dir(cfg.out, resolved, cfg.resume, world)
         log = RunLog(cfg.out, run_id, world, steps_per_epoch, cfg, lock)
 
@@ -181,6 +186,7 @@ def setup(cfg: TrainConfig) -> Run:
                   step_delay=float(os.environ.get("REFCACHE_STEP_DELAY", "0")))
         if ckpt:
             run.start_step = log.restore(run, ckpt)
+        log.start_dashboards(cfg.report_to, resolved, run.start_step)
         world.barrier()
         net.train()
         return run
@@ -207,9 +213,15 @@ def _models(cfg, world, parallel):
     return model, net, train_net, ref_net, share
 
 
-def _load_data(cfg):
-    """The train (and eval) pairs, checked against the policy and each other. Fills in cfg.model/ref_model."""
-    train_pairs = D.load_pairs(cfg.cache)
+def _load_data(cfg, world):
+    """The train (and eval) pairs, checked against the policy and each other, and the --where counts (or None).
+    Fills in cfg.model/ref_model."""
+    train_pairs, where_pairs = D.load_pairs(cfg.cache), None
+    if cfg.where:
+        train_pairs, where_pairs = S.select(train_pairs, cfg.where)
+        if world.master:
+            print(f"--where {cfg.where!r}: training on {where_pairs['kept']:,} of {where_pairs['cache_pairs']:,} "
+                  f"pairs ({where_pairs['dropped']:,} dropped)")
     eval_pairs = D.load_pairs(cfg.eval_cache) if cfg.eval_cache else None
     manifest = train_pairs.manifest
     cfg.model = cfg.model or M.manifest_model_path(manifest, cfg.cache)
@@ -218,7 +230,7 @@ def _load_data(cfg):
     M.check_policy(manifest, cfg.model, cfg.cache, cfg.allow_mismatch)
     if eval_pairs is not None:
         M.check_caches(manifest, eval_pairs.manifest, cfg.cache, cfg.eval_cache, cfg.allow_mismatch)
-    return train_pairs, eval_pairs
+    return train_pairs, eval_pairs, where_pairs
 
 
 def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup) -> dict:

@@ -1,81 +1,113 @@
 """Stage-1 commands: `refcache precompute`, `refcache verify`, `refcache merge`."""
 
 import argparse
+import inspect
 import json
 
 from pipeline.backends import BACKENDS, backend_settings
 from pipeline.verify import TOLERANCE
 
 
+def _defaults(fn) -> dict:
+    """{parameter: default} of a function or class: the one source of the flags' defaults."""
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
 def add_commands(sub):
-    p = sub.add_parser("precompute", help="score preference pairs with the reference model into a Parquet cache",
-                       description="Read preference pairs, tokenize once, score every completion token with the "
-                                   "reference model, write CACHE (resumable: re-run the same command).")
+    from pipeline.precompute import DEFAULT_MAX_LENGTH, _precompute
+    from pipeline.verify import verify
+    from refcache.cli import HelpFormatter
+
+    d = _defaults(_precompute)
+    hf = _defaults(BACKENDS["hf"])
+    p = sub.add_parser(
+        "precompute", formatter_class=HelpFormatter,
+        help="score preference pairs with the reference model into a Parquet cache",
+        description="Read preference pairs, tokenize once, score every completion token with the reference model, "
+                    "write CACHE\n(resumable: re-run the same command).\n\n"
+                    f"lengths: --max-length defaults to {DEFAULT_MAX_LENGTH}, or less to fit the model's context "
+                    "(and vLLM's --max-model-len);\n--max-prompt-length to half of --max-length, rounded up; vLLM's "
+                    "--max-model-len to --max-length + 1.\n\n"
+                    "example:\n  refcache precompute data/prefs/train.jsonl --model data/tiny-llama --out "
+                    "cache/train --max-length 256")
     p.add_argument("data", metavar="DATA", help="JSONL/JSON/Parquet/CSV file, a directory of them, "
                                                  "or a datasets.save_to_disk directory")
     p.add_argument("--model", required=True, help="reference model directory (Hugging Face format)")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to create or resume")
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+    p.add_argument("--backend", default=d["backend"], choices=["auto", *BACKENDS],
                    help="auto: vllm on a GPU, hf on a CPU (faster there, see BENCHMARKS.md)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-length", type=int, default=None,
-                   help="max prompt+completion tokens (default: 1024, or less to fit the model's context)")
-    p.add_argument("--max-prompt-length", type=_opt_int, default=512,
-                   help="prompt tokens kept when a pair is too long; 'none' = never cut the prompt (default 512)")
-    p.add_argument("--truncation-mode", default="keep_end", choices=["keep_end", "keep_start"],
-                   help="which end of an over-long prompt to keep (default keep_end)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="hf: sequences per forward (default 16); vllm: max_num_seqs (default vLLM's)")
+    p.add_argument("--dtype", default=d["dtype"], choices=["float32", "bfloat16"], help="scoring dtype")
+    p.add_argument("--max-length", type=int, default=d["max_length"],
+                   help=f"max prompt+completion tokens (default: {DEFAULT_MAX_LENGTH}, or less to fit the model's "
+                        "context and --max-model-len)")
+    p.add_argument("--max-prompt-length", type=_opt_int, default=d["max_prompt_length"],
+                   help="prompt tokens kept when a pair is too long; auto = half of --max-length, rounded up; "
+                        "none = never cut the prompt")
+    p.add_argument("--truncation-mode", default=d["truncation_mode"], choices=["keep_end", "keep_start"],
+                   help="which end of an over-long prompt to keep")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"hf: sequences per forward (default {hf['batch_size']}); vllm: max_num_seqs (default: "
+                        "vLLM's on a GPU, sized from the workload on a CPU)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="hf: torch.compile the model first (15-30 s for a 30M model on a CPU, then 8-15%% more "
                         "tokens/s and closer to fp32 in bf16; BENCHMARKS.md): worth it past a few thousand pairs")
-    p.add_argument("--shard", default=None, metavar="I/N", help="process chunks k with k %% N == I")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
-    p.add_argument("--part-size", type=int, default=1024, help="input rows per part file (default 1024)")
+    p.add_argument("--shard", default=d["shard"], metavar="I/N", help="process chunks k with k %% N == I")
+    p.add_argument("--limit", type=int, default=d["limit"], metavar="N", help="only the first N input rows")
+    p.add_argument("--part-size", type=int, default=d["part_size"], help="input rows per part file")
     p.add_argument("--prompt-col", default="prompt", help="input column holding the prompt")
     p.add_argument("--chosen-col", default="chosen", help="input column holding the chosen completion")
     p.add_argument("--rejected-col", default="rejected", help="input column holding the rejected completion")
-    p.add_argument("--prompt-split", default="auto", metavar="auto|prefix|MARKER",
-                   help="where an implicit prompt (no prompt column: chosen/rejected are whole texts) ends. auto "
-                        "(default): after the last transcript marker both share, such as HH-RLHF's "
+    p.add_argument("--prompt-split", default=d["prompt_split"], metavar="auto|prefix|MARKER",
+                   help="where an implicit prompt (no prompt column: chosen/rejected are whole texts) ends. auto: "
+                        "after the last transcript marker both share, such as HH-RLHF's "
                         "'\\n\\nAssistant:', else at their longest common prefix cut back to a word boundary; "
                         "prefix: always the latter (TRL's rule); or a marker string, e.g. '\\n\\nAssistant:' "
                         "(typed \\n is a newline). Message lists always split at the last assistant turn")
-    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per model (default 1)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per model (default: 1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vllm on a GPU: fraction of GPU memory for the engine (default 0.9)")
+                   help="vllm on a GPU: fraction of GPU memory for the engine (default: vLLM's)")
     p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
                    help="vllm: KV cache size (default on a CPU: sized from --max-length and --batch-size; "
                         "on a GPU: what --gpu-memory-utilization leaves)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="vllm: run without torch.compile (default on a CPU, where compiling adds minutes to "
                         "each start for 0-25%% more tokens/s; --no-enforce-eager compiles, worth it for long runs)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default max-length+1)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vllm: context length (default: --max-length + 1; given alone, --max-length follows it)")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="show the backend's own output (vLLM's logs, warnings and progress bars)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_precompute)
 
-    v = sub.add_parser("verify", help="re-score sampled cached pairs with the hf backend and compare",
+    vd = _defaults(verify)
+    v = sub.add_parser("verify", formatter_class=HelpFormatter,
+                       help="re-score sampled cached pairs with the hf backend and compare",
                        description="Re-score N cached pairs with transformers (model from the manifest) and "
-                                   "report per-token and implied reward differences; exit 1 when a token is past "
-                                   "the tolerance.")
-    v.add_argument("cache", metavar="CACHE")
-    v.add_argument("--sample", type=int, default=32, metavar="N", help="pairs to re-score (default 32)")
+                                   "report per-token and implied reward\ndifferences; exit 1 when a token is past "
+                                   "the tolerance.\n\nexample:\n  refcache verify cache/train --sample 64")
+    v.add_argument("cache", metavar="CACHE", help="cache directory (the --out of `refcache precompute`)")
+    v.add_argument("--sample", type=int, default=vd["sample"], metavar="N",
+                   help="pairs to re-score (all of them when the cache has fewer)")
     defaults = "; ".join(f"{d} {a:g} + {r:g}|log p|" for d, (a, r) in TOLERANCE.items())
-    v.add_argument("--tolerance", type=float, default=None, metavar="NATS",
+    v.add_argument("--tolerance", type=float, default=vd["tolerance"], metavar="NATS",
                    help=f"a token passes when |diff| <= NATS + RTOL x |log p| (defaults by the cache's dtype: "
                         f"{defaults})")
-    v.add_argument("--rtol", type=float, default=None, help="see --tolerance")
-    v.add_argument("--beta", type=float, default=0.1, help="beta for the implied reward error (default 0.1)")
-    v.add_argument("--model", default=None, help="model directory, if it moved since precompute")
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the cache's dtype")
+    v.add_argument("--rtol", type=float, default=vd["rtol"], help="see --tolerance")
+    v.add_argument("--beta", type=float, default=vd["beta"], help="beta for the implied reward error")
+    v.add_argument("--model", default=vd["model"], help="model directory, if it moved since precompute "
+                                                         "(default: the manifest's)")
+    v.add_argument("--dtype", default=vd["dtype"], choices=["float32", "bfloat16"],
+                   help="default: the cache's dtype")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=run_verify)
 
-    m = sub.add_parser("merge", help="validate all parts of a (sharded) cache and write its manifest")
-    m.add_argument("cache", metavar="CACHE")
+    m = sub.add_parser("merge", formatter_class=HelpFormatter,
+                       help="validate all parts of a (sharded) cache and write its manifest",
+                       description="Check every part of CACHE written by `refcache precompute --shard I/N` runs "
+                                   "(all shards finished,\nno part missing or changed) and write its manifest, so "
+                                   "training and queries can read it.\n\nexample:\n  refcache merge cache/train")
+    m.add_argument("cache", metavar="CACHE", help="cache directory the shards wrote into")
     m.set_defaults(func=run_merge)
 
 
@@ -87,6 +119,8 @@ def _backend_flags(args) -> dict:
 
 
 def _opt_int(s):
+    if s.lower() == "auto":
+        return "auto"
     return None if s.lower() in ("none", "0", "") else int(s)
 
 

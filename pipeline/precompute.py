@@ -34,6 +34,7 @@ from refcache import UserError
 from refcache.lock import DirLock
 
 SCORE_PAIRS = {"hf": 256, "vllm": 1024}  # pairs per scoring call (progress granularity)
+DEFAULT_MAX_LENGTH = 1024  # max_length when not given (less when the model's context is shorter)
 
 
 def parse_shard(shard):
@@ -63,10 +64,10 @@ def check_arguments(args: dict):
     """One-line UserError naming the flag and its allowed range for the first numeric argument out of range."""
     for name, (flag, lo, hi, none_ok) in INT_ARGS.items():
         v = args.get(name)
-        if v is None and none_ok:
+        if (v is None and none_ok) or (name == "max_prompt_length" and v == "auto"):
             continue
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
-            allowed = f"a whole number >= {lo}" + (" (or none)" if name == "max_prompt_length" else "")
+            allowed = f"a whole number >= {lo}" + (" (or none, or auto)" if name == "max_prompt_length" else "")
             raise UserError(f"{flag} {v}: must be {allowed}")
     for name, (flag, lo, hi, none_ok) in FLOAT_ARGS.items():
         v = args.get(name)
@@ -86,7 +87,7 @@ def load_tokenizer(model_dir):
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length=512,
+def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length="auto",
                 truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
                 columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
@@ -95,7 +96,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
     a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
     backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
-    min(1024, the model's context - 1): vLLM needs one position beyond the scored sequence.
+    min(1024, the model's context - 1, vLLM's max_model_len - 1): vLLM needs one position beyond the scored
+    sequence. max_prompt_length="auto" means half of max_length, rounded up (512 of 1024); None never cuts it.
     Numeric arguments are checked first; then the shard's lock on `out` is taken (a second writer of the
     same shard is refused) and held until the cache (or this shard) is written."""
     t0 = time.time()
@@ -104,9 +106,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     prompt_split = check_prompt_split(prompt_split)
     model_dir = resolve_model_dir(model)
     name = scorer.name if scorer is not None else resolve_backend(backend, dtype)
-    max_length = _check_context(model_dir, max_length, name)
-    if max_prompt_length is not None and max_prompt_length >= max_length:
-        raise UserError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length}")
+    max_length, max_prompt_length = _lengths(model_dir, max_length, max_prompt_length, name,
+                                             backend_settings.get("max_model_len"))
     if truncation_mode not in ("keep_end", "keep_start"):
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
     check_settings(name, dict(backend_settings, batch_size=batch_size))  # a setting for another backend: refused
@@ -347,13 +348,33 @@ def tokenize_rows(pair_tok, pairs):
         return kept, rejected
 
 
+def _lengths(model_dir, max_length, max_prompt_length, backend, max_model_len=None):
+    """(max_length, max_prompt_length) resolved so that the defaults follow what is given: max_length from the
+    model's context and vLLM's max_model_len, the prompt's limit half of max_length. Only an explicit pair that
+    cannot work is an error, naming what to pass."""
+    if max_length is None and max_model_len and backend == "vllm":
+        max_length = min(_check_context(model_dir, None, backend), max_model_len - 1)
+    max_length = _check_context(model_dir, max_length, backend)
+    if max_model_len and backend == "vllm" and max_model_len < max_length + 1:
+        raise UserError(f"--max-model-len {max_model_len} must be at least --max-length + 1 = {max_length + 1} (vLLM "
+                        f"needs one position past the sequence); pass --max-length {max_model_len - 1} or leave "
+                        "--max-model-len out (it follows --max-length)")
+    if max_prompt_length == "auto":
+        max_prompt_length = (max_length + 1) // 2
+    elif max_prompt_length is not None and max_prompt_length >= max_length:
+        raise UserError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length}; "
+                        f"pass a smaller one, or leave it out (default: half of --max-length, "
+                        f"{(max_length + 1) // 2})")
+    return max_length, max_prompt_length
+
+
 def _check_context(model_dir, max_length, backend):
     """Resolve max_length against the model's context (vLLM needs one spare position for its output token)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     spare = 1 if backend == "vllm" else 0
     if max_length is None:  # the same default for every backend, so their caches are interchangeable
-        return min(1024, ctx - 1) if ctx else 1024
+        return min(DEFAULT_MAX_LENGTH, ctx - 1) if ctx else DEFAULT_MAX_LENGTH
     if ctx and max_length + spare > ctx:
         raise UserError(f"--max-length {max_length} does not fit the model's context of {ctx} tokens "
                         f"({model_dir}/config.json) with the {backend} backend; use --max-length {ctx - spare}")

@@ -23,6 +23,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from dpo.runlog_schema import TRL_METRICS
 from pipeline.cache import manifest_path
 from queries.db import attached, connect, view_sources
 from queries.findings import default_top, findings
@@ -32,18 +33,7 @@ from queries.runner import run_query
 STYLE = {"train": "-", "eval": "--"}
 SPLIT_WORDS = {"train": "train probes (pairs trained on)", "eval": "eval probes (held out)"}
 STEP_LABEL = "optimizer step"
-# TRL's metric names (what users plot in TensorBoard / W&B) -> steps.parquet column, y-axis unit
-TRL_CURVES = [
-    ("loss", "loss", "loss (nats)"),
-    ("rewards/margins", "reward_margin", "β·nats"),
-    ("rewards/accuracies", "reward_accuracy", "share of batch pairs"),
-    ("rewards/chosen", "reward_chosen", "β·nats"),
-    ("rewards/rejected", "reward_rejected", "β·nats"),
-    ("grad_norm", "grad_norm", "L2 norm, before clipping"),
-    ("logps/chosen", "policy_chosen_logp", "nats per completion"),
-    ("logps/rejected", "policy_rejected_logp", "nats per completion"),
-    ("learning_rate", "lr", "learning rate"),
-]
+TRL_CURVES = TRL_METRICS  # (TRL name, steps.parquet column, y-axis unit): dpo/runlog_schema.py
 SHARED_Y = [("rewards/chosen", "rewards/rejected"), ("logps/chosen", "logps/rejected")]
 
 

@@ -1,4 +1,5 @@
-"""`refcache` command line. Each stage registers its own subcommands; this file only dispatches.
+"""`refcache` command line. Each stage registers its own subcommands; this file dispatches them and holds the help
+formatter they share (descriptions kept as written, every default shown from the parser).
 
 Every command exits 0 on success and non-zero with one line on stderr otherwise: a UserError's message, or for
 an OSError (a full disk, a file that cannot be written) what failed on which file. Writers leave a state that
@@ -11,6 +12,31 @@ import sys
 
 from refcache import UserError, __version__
 
+DESCRIPTION = """Offline reference log-probs for DPO: score pairs once with the reference model (precompute),
+train DPO-family losses from that cache many times (train, sweep), and diagnose caches and runs with
+DuckDB SQL (query, sql, report). `refcache demo` runs every stage on the embedded model;
+`refcache COMMAND --help` shows a command's flags with their defaults."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's help: the description's line breaks kept, and each option's default appended from the
+    parser itself (the one source), unless the help already says it or there is none (None, a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and "%(default)" not in text and "(default" not in text and \
+                default not in (None, [], argparse.SUPPRESS) and not isinstance(default, bool):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter; subcommand parsers inherit it."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from dpo import cli as dpo_cli
@@ -18,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from queries import cli as queries_cli
     from refcache import demo
 
-    parser = argparse.ArgumentParser(prog="refcache", description=__doc__.splitlines()[0])
+    parser = Parser(prog="refcache", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"refcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pipeline_cli.add_commands(sub)  # precompute, verify, merge

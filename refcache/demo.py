@@ -18,17 +18,20 @@ DATA = ROOT / "data"
 
 def add_commands(sub) -> None:
     from pipeline.backends import BACKENDS
+    from refcache.cli import HelpFormatter
 
-    p = sub.add_parser("demo", help="run all stages on the embedded default", description=__doc__)
-    p.add_argument("--out", default="out/demo", help="where caches, the run and the report go (default out/demo)")
+    p = sub.add_parser("demo", help="run all stages on the embedded default", description=__doc__,
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", default="out/demo", help="where caches, the run and the report go")
     # vLLM by default: the demo shows the production path (on a CPU `auto` would pick hf, see BENCHMARKS.md).
-    p.add_argument("--backend", default="vllm", choices=["auto", *BACKENDS])
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--backend", default="vllm", choices=["auto", *BACKENDS], help="stage-1 scoring backend")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs (data/prefs/train.jsonl)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     # Tuned for the 3.6M-param embedded model (its eval accuracy plateaus near 0.68 after 2 epochs);
     # real models want lr around 5e-7..1e-6.
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (tuned for the embedded 3.6M model; "
+                   "real models want 5e-7..1e-6)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
     p.set_defaults(func=run)
 
 

@@ -240,7 +240,7 @@ def test_cli_one_line_errors(capsys, tmp_path, caches):
     train_cache = caches[0]
     not_cache = tmp_path / "not-a-cache"
     not_cache.mkdir()
-    assert "not a refcache cache" in _one_line_error(
+    assert "not a cache directory" in _one_line_error(
         capsys, ["train", "--cache", str(not_cache), "--out", str(tmp_path / "r")]
     )
     assert "no such directory" in _one_line_error(

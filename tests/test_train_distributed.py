@@ -1,5 +1,5 @@
 """Two processes with torch distributed (torchrun, gloo on CPU) give the same per-step losses as one process at
-the same global batch, and only rank 0 writes logs and checkpoints."""
+the same global batch, and only rank 0 writes logs, dashboards and checkpoints."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ARGS = ["--steps", "6", "--batch-size", "8", "--lr", "1e-4", "--warmup", "2", "--probe-every", "3",
-        "--probe-size", "4", "--checkpoint-every", "3", "--threads", "1", "--no-progress"]
+        "--probe-size", "4", "--checkpoint-every", "3", "--threads", "1", "--no-progress", "--report-to", "tensorboard"]
 
 
 def _train(cmd, cache, out):
@@ -38,3 +38,4 @@ def test_two_gloo_processes_equal_one(train_cache, tmp_path):
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
     assert pq.read_table(tmp_path / "two" / "examples").num_rows == pq.read_table(tmp_path / "one" / "examples").num_rows
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
+    assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1  # one event file: rank 0's
