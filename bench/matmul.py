@@ -12,7 +12,8 @@ A stage's model-FLOP utilisation (MFU) is the model FLOPs it must do per second 
 dtype: `forward_flops` counts the matmuls of a decoder forward (attention projections, MLP, LM head: 2
 multiply-adds per weight per token) plus causal attention (QK^T and AV: 4 * d_attn per attended position), and
 leaves out norms, softmax and RoPE (small). Scoring one pair costs its prompt once plus both completions
-attending to it (`pair_flops`): the least any backend has to compute, so sharing the prompt earns no credit.
+attending to it, the LM head only where it predicts a completion token (`pair_flops`): the least any backend
+has to compute, so sharing the prompt and skipping the head on prompt positions earn no credit.
 """
 
 import argparse
@@ -101,9 +102,11 @@ def forward_flops(cfg, seq_len, start=0):
 
 
 def pair_flops(cfg, prompt_len, chosen_len, rejected_len):
-    """Least forward FLOPs to score a pair: the prompt once, each completion attending to the prompt."""
+    """Least forward FLOPs to score a pair: the prompt once, each completion attending to the prompt, and the LM
+    head only at the chosen_len + rejected_len positions that predict a completion token."""
+    head = 2 * _get(cfg, "hidden_size") * _get(cfg, "vocab_size") * prompt_len  # forward_flops counts it everywhere
     return (forward_flops(cfg, prompt_len) + forward_flops(cfg, prompt_len + chosen_len, prompt_len)
-            + forward_flops(cfg, prompt_len + rejected_len, prompt_len))
+            + forward_flops(cfg, prompt_len + rejected_len, prompt_len) - head)
 
 
 def workload_flops(cfg, lengths):

@@ -18,6 +18,8 @@ with its error line and the others go on):
     sweep_trl       bench/trl_side.py   four TRL runs, each computing its reference again
     queries         bench/queries.py    each named diagnostic on 10 million example rows
     streaming       bench/streaming.py  `refcache precompute` peak RSS over 20k and 200k short pairs
+    real            bench/real.py       SmolLM2-135M-Instruct: stage 1 (hf, --compile, vllm, plain loop, TRL) and
+                                        stage 2 (cached, --live-ref, TRL) on chat pairs; the `real_*` figures
 
 Then merges them into BENCHMARKS.json (the issue's keys plus the raw figures) and rewrites the marked section
 of BENCHMARKS.md (a table: figure, value, target, met?; machine, versions, settings). --quick writes both to
@@ -46,7 +48,7 @@ import matmul
 import workload as wl
 
 PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "fsdp_memory", "trl_live", "sweep_refcache",
-          "sweep_trl", "queries", "streaming"]
+          "sweep_trl", "queries", "streaming", "real"]
 BEGIN, END = "<!-- BEGIN bench/run.py results -->", "<!-- END bench/run.py results -->"
 
 # (key, target operator, target value, what it is)
@@ -312,6 +314,13 @@ def piece_streaming(ctx):
     run_piece("streaming", argv, ctx["res"], ctx["s"]["timeout_s"])
 
 
+def piece_real(ctx):
+    argv = [py(), BENCH / "real.py", "--json", ctx["res"] / "real.json"] + (["--quick"] if ctx["quick"] else [])
+    if ctx["s"]["threads"]:
+        argv += ["--threads", ctx["s"]["threads"]]
+    run_piece("real", argv, ctx["res"], ctx["s"]["timeout_s"])
+
+
 # ---------------------------------------------------------------- merging
 
 def load(res, name):
@@ -521,9 +530,14 @@ def merge(res, s, status):
         figs["stream_peak_rss_200k_over_20k"] = ratio(large["peak_rss_bytes"], small["peak_rss_bytes"])
         figs["stream_pairs"] = [small["pairs"], large["pairs"]]
 
+    # The real model (bench/real.py: its figures, targets and table)
+    if real := load(res, "real"):
+        figs |= real["figures"]
+        raw["real"] = {k: real.get(k) for k in ("markdown", "raw", "workload", "settings", "loadavg")}
+
     checks = {k: met(figs.get(k), op, v) for k, op, v, _ in TARGETS}
-    return {"figures": figs, "targets": {k: {"op": op, "value": v, "met": checks[k]} for k, op, v, _ in TARGETS},
-            "pieces": status, "raw": raw}
+    targets = {k: {"op": op, "value": v, "met": checks[k]} for k, op, v, _ in TARGETS}
+    return {"figures": figs, "targets": targets | ((real or {}).get("targets") or {}), "pieces": status, "raw": raw}
 
 
 def met(value, op, target):
@@ -657,6 +671,7 @@ def render(report):
             L.append(f"| {r['pairs']:,} | {r['peak_rss_bytes'] / 2**20:,.0f} | {mid} | {r['wall_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['rows']:,} | {r['parts']} |")
         L.append(f"\nPeak RSS, largest / smallest size: **{fmt(f.get('stream_peak_rss_200k_over_20k'))}**.")
+    L += ["", *(raw.get("real") or {}).get("markdown", [])]
     failed = {k: v for k, v in report["pieces"].items() if not v["ok"]}
     if failed:
         L += ["", "### Pieces that failed", ""]
@@ -690,7 +705,7 @@ STEPS = {"workload": piece_workload, "matmul": piece_matmul, "stage1": piece_sta
          "trl_precompute": piece_trl_precompute, "train": piece_train, "fsdp_memory": piece_fsdp_memory,
          "trl_live": piece_trl_live,
          "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries,
-         "streaming": piece_streaming}
+         "streaming": piece_streaming, "real": piece_real}
 
 
 def main():
@@ -727,7 +742,7 @@ def main():
     for name in todo:
         t = time.perf_counter()
         try:
-            if name not in ("workload", "streaming") and ctx["w"] is None:  # streaming makes its own pairs
+            if name not in ("workload", "streaming", "real") and ctx["w"] is None:  # these make their own pairs
                 ctx["w"] = workload_record(quick)
             STEPS[name](ctx)
             status[name] = {"ok": True, "seconds": time.perf_counter() - t}

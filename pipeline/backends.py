@@ -15,6 +15,7 @@ UserError naming it).
 """
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -110,9 +111,10 @@ def make_scorer(name, model_dir, dtype="float32", **settings) -> Scorer:
 
 @register
 class HFScorer:
-    """transformers forward. Sequences are sorted by length and batched (left padding, explicit position ids);
-    only the last K positions' logits are computed (K = longest completion in the batch + 1), and the
-    log-softmax is taken in fp32 one row at a time (logsumexp + gather, never a full fp32 [B, T, V] tensor)."""
+    """transformers forward. `score_pairs` (what precompute uses) runs one shared-prompt row per pair through
+    the log-prob kernel stage 2 trains with (pipeline/logps.py: the LM head only at completion positions, in
+    row chunks, fp32 log-softmax). `score`, the oracle: sequences sorted by length and batched (left padding,
+    explicit position ids), the model's own head on the last K positions (K = longest completion + 1)."""
 
     name = "hf"
     post_seconds = 0.0  # the forward pass ends in numpy already
@@ -171,14 +173,16 @@ class HFScorer:
             raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {msg[:200]}); "
                             "run without --compile") from None
 
-    def _decode(self, b):
-        """Hidden states of a pack_pairs batch. A compiled decoder never sees one row: torch.compile
-        specialises size-1 dimensions, so a lone pair runs twice in one batch instead of compiling anew."""
-        ids, pos, mask = (b[k].to(self.device) for k in ("input_ids", "position_ids", "attention_mask"))
-        lone = self.compile and ids.shape[0] == 1
+    def _decode(self, input_ids, position_ids, attention_mask):
+        """Hidden states of shared-prompt rows, through the (possibly compiled) decoder. A compiled decoder never
+        sees one row: torch.compile specialises size-1 dimensions, so a lone pair runs twice in one batch
+        instead of compiling anew."""
+        lone = self.compile and input_ids.shape[0] == 1
         if lone:
-            ids, pos, mask = ids.repeat(2, 1), pos.repeat(2, 1), mask.repeat(2, 1, 1, 1)
-        out = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+            input_ids, position_ids = input_ids.repeat(2, 1), position_ids.repeat(2, 1)
+            attention_mask = attention_mask.repeat(2, 1, 1, 1)
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False)
         return out.last_hidden_state[:1] if lone else out.last_hidden_state
 
     def score_pairs(self, triples):
@@ -193,18 +197,21 @@ class HFScorer:
                 out[j] = lp
         return out
 
+    @functools.cached_property
+    def _net(self):
+        from pipeline.logps import CompletionLogps
+
+        return CompletionLogps(self.model, decode=self._decode)
+
     @torch.no_grad()
     def _packed_batch(self, triples):
+        """One forward over shared-prompt rows through the kernel stage 2 trains with (pipeline/logps.py)."""
         from pipeline.packing import pack_pairs
 
-        b = pack_pairs(triples, self.pad_id)
-        hidden = self._decode(b)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["hidden_index"].to(self.device))
-        w = self.model.get_output_embeddings().weight
-        targets = b["targets"].to(self.device)
-        chunk = max(1, self.fp32_elements // w.shape[0])
-        lp = torch.cat([_token_logps(h[s : s + chunk] @ w.T, targets[s : s + chunk])
-                        for s in range(0, len(h), chunk)]).cpu().numpy().astype(np.float32)
+        b = {k: v.to(self.device) for k, v in pack_pairs(triples, self.pad_id).items()}
+        _, tok = self._net(b["input_ids"], b["hidden_index"], b["targets"], b["seq_index"], 2 * len(triples),
+                           b["position_ids"], b["attention_mask"])
+        lp = tok.cpu().numpy().astype(np.float32)
         n_c = sum(len(c) for _, c, _ in triples)
         ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
         ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
@@ -221,6 +228,8 @@ class HFScorer:
 
     @torch.no_grad()
     def _batch(self, seqs, starts):
+        from pipeline.logps import token_logps
+
         T = max(len(s) for s in seqs)
         K = max(len(s) - st for s, st in zip(seqs, starts)) + 1  # completion tokens + the position before
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
@@ -235,16 +244,10 @@ class HFScorer:
         # Logit j (0..K-1) sits at position T-K+j and predicts the token at T-K+j+1.
         target = ids[:, T - K + 1:]  # [B, K-1]
         if logits.numel() <= self.fp32_elements:  # small enough: one fp32 pass over the whole batch
-            lp = _token_logps(logits[:, : K - 1], target).cpu().numpy()
+            lp = token_logps(logits[:, : K - 1], target).cpu().numpy()
         else:  # large vocab: one row at a time, so the fp32 copy is only [K, V]
-            lp = np.stack([_token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
+            lp = np.stack([token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
         return [lp[b, K - 1 - (len(s) - st):].astype(np.float32) for b, (s, st) in enumerate(zip(seqs, starts))]
-
-
-def _token_logps(logits, target):
-    """log_softmax(logits)[target] in fp32 via logsumexp + gather. logits [..., V], target [...] -> [...]."""
-    lf = logits.float()
-    return lf.gather(-1, target[..., None])[..., 0] - torch.logsumexp(lf, dim=-1)
 
 
 GiB = 1 << 30
