@@ -25,21 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def tokenized_pairs(model, data, limit, max_length):
-    from pipeline.data import Reject, Source, normalize
-    from pipeline.precompute import load_tokenizer
-    from pipeline.tokenize import PairTokenizer
+    """The pairs precompute would score (its own front end: pipeline.precompute.tokenize_pairs)."""
+    from pipeline.precompute import tokenize_pairs
 
-    src = Source(data)
-    pairs = []
-    for row in src.rows():
-        if row.index >= limit:
-            break
-        try:
-            pairs.append(normalize(row, src.columns))
-        except Reject:
-            pass
-    kept, _ = PairTokenizer(load_tokenizer(model), max_length, min(512, max_length - 1))(pairs)
-    return kept
+    return list(tokenize_pairs(data, model, max_length=max_length, limit=limit))
 
 
 def plain_loop(model, dtype, kept, batch_size):

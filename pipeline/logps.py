@@ -1,7 +1,7 @@
 """Log-probs of completion tokens under a causal LM: the one kernel both stages run.
 
 decoder -> hidden states at the N positions that predict a completion token -> LM head in row chunks ->
-log-softmax and gather in fp32. Stage 1 (`HFScorer.score_pairs` in pipeline/backends.py) runs it under no_grad
+log-softmax and gather in fp32. Stage 1 (`HFScorer.score_pairs` in pipeline/backends/hf.py) runs it under no_grad
 to fill the cache; stage 2 (dpo/, through dpo/logps.py) runs it with gradients for the policy and under no_grad
 for a live reference. Running the same code is what makes a policy equal to the reference reproduce the cached
 numbers (step-0 loss ln 2). It lives in `pipeline` because stage 1 must not depend on the training package.

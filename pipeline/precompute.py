@@ -209,10 +209,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         stats["parts_written"] += 1
         _add_counts(stats, meta["part"])
 
-    seen = SeenPairs()  # every shard sees every row, so all shards make the same duplicate decisions
-
     def finish_chunk(k, items):
-        dedupe(seen, items)
         if k % shard_n != shard_i:
             return
         stats["rows_read"] += len(items)
@@ -227,17 +224,10 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
             return
         run_chunk(k, items)
 
-    total_read, k, items = 0, 0, []
+    total_read = 0
     try:
-        for row in src.rows():
-            if limit is not None and row.index >= limit:
-                break
-            total_read += 1
-            if row.index // part_size != k:
-                finish_chunk(k, items)
-                k, items = row.index // part_size, []
-            items.append(normalize_row(row, src.columns, prompt_split, extras))
-        if items:
+        for k, items in read_chunks(src, limit, part_size, prompt_split, extras):
+            total_read += len(items)
             finish_chunk(k, items)
     finally:
         if bar is not None:
@@ -300,6 +290,38 @@ def precompute(*args, **kwargs) -> dict:
 
 
 precompute.__doc__, precompute.__signature__ = _precompute.__doc__, inspect.signature(_precompute)
+
+
+def read_chunks(src, limit=None, part_size=1024, prompt_split="auto", extras=None):
+    """Stage 1's reading rules: (k, items) for each chunk k of `part_size` source rows, each item a Pair or the
+    row's rejection (source_index, file, reason). Every later copy of a pair is already rejected (every shard
+    reads every row, so all shards make the same duplicate decisions)."""
+    seen = SeenPairs()
+    k, items = 0, []
+    for row in src.rows():
+        if limit is not None and row.index >= limit:
+            break
+        if row.index // part_size != k and items:
+            dedupe(seen, items)
+            yield k, items
+            items = []
+        k = row.index // part_size
+        items.append(normalize_row(row, src.columns, prompt_split, extras))
+    if items:
+        dedupe(seen, items)
+        yield k, items
+
+
+def tokenize_pairs(data, model, *, max_length=None, max_prompt_length="auto", truncation_mode="keep_end",
+                   columns=None, prompt_split="auto", limit=None):
+    """Stage 1's front end without scoring: yield the kept pairs (pipeline.tokenize.Tokenized) of `data` as
+    precompute tokenizes them for `model` (same defaults, same rejections; rejected rows are skipped). For
+    benchmarks and users who bring their own scorer."""
+    model_dir = resolve_model_dir(model)
+    max_length, max_prompt_length = _lengths(model_dir, max_length, max_prompt_length, "hf")
+    pair_tok = PairTokenizer(load_tokenizer(model_dir), max_length, max_prompt_length, truncation_mode)
+    for _, items in read_chunks(Source(data, columns), limit, prompt_split=check_prompt_split(prompt_split)):
+        yield from tokenize_rows(pair_tok, [p for p in items if isinstance(p, Pair)])[0]
 
 
 def normalize_row(row, columns, prompt_split="auto", extras=None):

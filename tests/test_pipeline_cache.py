@@ -264,3 +264,17 @@ def test_compiled_hf_backend_matches_eager(tmp_path, eval_cache, tiny_model_dir,
     assert read_manifest(out)["backend"]["settings"]["compile"] is True
     with pytest.raises(UserError, match="--compile applies to the hf backend"):
         precompute(prefs_dir / "eval.jsonl", tiny_model_dir, tmp_path / "v", backend="vllm", limit=4, compile=True)
+
+
+def test_tokenize_pairs_gives_the_cache_rows(train_cache, tiny_model_dir, prefs_dir):
+    """The public front end (bench/ uses it) yields exactly the pairs, ids and order precompute cached."""
+    from pipeline.cache import load_table
+    from pipeline.precompute import tokenize_pairs
+
+    t = load_table(train_cache).to_pylist()
+    pairs = list(tokenize_pairs(prefs_dir / "train.jsonl", tiny_model_dir, limit=256))
+    assert len(pairs) == len(t) > 200
+    for p, row in zip(pairs, t):
+        assert p.pair.pair_id == row["pair_id"]
+        assert (p.prompt_ids, p.chosen_ids, p.rejected_ids) == (row["prompt_ids"], row["chosen_ids"],
+                                                                 row["rejected_ids"])

@@ -1,0 +1,151 @@
+"""The hf backend: transformers forward in this process (pipeline/logps.py's kernel for score_pairs)."""
+
+import functools
+import time
+
+import numpy as np
+import torch
+
+from pipeline.backends import register, torch_dtype
+from refcache import UserError
+
+
+@register
+class HFScorer:
+    """transformers forward. `score_pairs` (what precompute uses) runs one shared-prompt row per pair through
+    the log-prob kernel stage 2 trains with (pipeline/logps.py: the LM head only at completion positions, in
+    row chunks, fp32 log-softmax). `score`, the oracle: sequences sorted by length and batched (left padding,
+    explicit position ids), the model's own head on the last K positions (K = longest completion + 1)."""
+
+    name = "hf"
+    post_seconds = 0.0  # the forward pass ends in numpy already
+
+    def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, compile=False, verbose=False):
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        if not verbose:
+            transformers.utils.logging.disable_progress_bar()
+        self.model_dir = str(model_dir)
+        self.dtype = dtype
+        self.batch_size = int(batch_size or 16)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(self.device)
+        self.model.eval()
+        self.pad_id = 0
+        self.fp32_elements = 1 << 25  # 128 MB of fp32 logits
+        self.decoder = self.model.get_decoder()
+        self.compile = bool(compile)
+        self.start_seconds = 0.0  # compile time (model load excluded)
+        if self.compile:
+            t = time.time()
+            self._compile()
+            self.start_seconds = time.time() - t
+
+    def close(self):
+        self.model = self.decoder = None
+
+    def version(self) -> str:
+        import transformers
+
+        return f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+    def settings(self) -> dict:
+        return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
+                "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair",
+                "compile": self.compile}
+
+    def can_pack(self) -> bool:
+        from pipeline.packing import plain_lm_head, takes_custom_mask
+
+        return plain_lm_head(self.model) and takes_custom_mask(self.model)
+
+    def _compile(self):
+        """torch.compile(decoder, dynamic=True), compiled now by scoring two tiny pairs through the real path, so
+        that a failure (no C++ compiler, an unsupported model) is one clear error before any scoring, and the
+        compile time is start-up time."""
+        if not self.can_pack():
+            raise UserError("--compile needs the shared-prompt layout (an sdpa/eager model with a plain LM head)")
+        self.decoder = torch.compile(self.decoder, dynamic=True)
+        try:
+            self._packed_batch([([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [3, 4, 5], [6])])
+        except Exception as e:  # noqa: BLE001 - one line; the eager path still works
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {msg[:200]}); "
+                            "run without --compile") from None
+
+    def _decode(self, input_ids, position_ids, attention_mask):
+        """Hidden states of shared-prompt rows, through the (possibly compiled) decoder. A compiled decoder never
+        sees one row: torch.compile specialises size-1 dimensions, so a lone pair runs twice in one batch
+        instead of compiling anew."""
+        lone = self.compile and input_ids.shape[0] == 1
+        if lone:
+            input_ids, position_ids = input_ids.repeat(2, 1), position_ids.repeat(2, 1)
+            attention_mask = attention_mask.repeat(2, 1, 1, 1)
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False)
+        return out.last_hidden_state[:1] if lone else out.last_hidden_state
+
+    def score_pairs(self, triples):
+        """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps)] float32, each
+        pair scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` pairs per forward."""
+        order = np.argsort([-(len(p) + len(c) + len(r)) for p, c, r in triples], kind="stable")
+        out = [None] * len(triples)
+        step = max(1, self.batch_size // 2)
+        for i in range(0, len(order), step):
+            idx = order[i : i + step]
+            for j, lp in zip(idx, self._packed_batch([triples[j] for j in idx])):
+                out[j] = lp
+        return out
+
+    @functools.cached_property
+    def _net(self):
+        from pipeline.logps import CompletionLogps
+
+        return CompletionLogps(self.model, decode=self._decode)
+
+    @torch.no_grad()
+    def _packed_batch(self, triples):
+        """One forward over shared-prompt rows through the kernel stage 2 trains with (pipeline/logps.py)."""
+        from pipeline.packing import pack_pairs
+
+        b = {k: v.to(self.device) for k, v in pack_pairs(triples, self.pad_id).items()}
+        _, tok = self._net(b["input_ids"], b["hidden_index"], b["targets"], b["seq_index"], 2 * len(triples),
+                           b["position_ids"], b["attention_mask"])
+        lp = tok.cpu().numpy().astype(np.float32)
+        n_c = sum(len(c) for _, c, _ in triples)
+        ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
+        ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
+        return list(zip(np.split(lp[:n_c], ends_c), np.split(lp[n_c:], ends_r)))
+
+    def score(self, seqs, starts, sort=True):
+        order = np.argsort([-len(s) for s in seqs], kind="stable") if sort else np.arange(len(seqs))
+        out = [None] * len(seqs)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i: i + self.batch_size]
+            for j, lp in zip(idx, self._batch([seqs[j] for j in idx], [int(starts[j]) for j in idx])):
+                out[j] = lp
+        return out
+
+    @torch.no_grad()
+    def _batch(self, seqs, starts):
+        from pipeline.logps import token_logps
+
+        T = max(len(s) for s in seqs)
+        K = max(len(s) - st for s, st in zip(seqs, starts)) + 1  # completion tokens + the position before
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, T - len(s):] = torch.as_tensor(s)
+            mask[b, T - len(s):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        K = min(K, T)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=K).logits
+        # Logit j (0..K-1) sits at position T-K+j and predicts the token at T-K+j+1.
+        target = ids[:, T - K + 1:]  # [B, K-1]
+        if logits.numel() <= self.fp32_elements:  # small enough: one fp32 pass over the whole batch
+            lp = token_logps(logits[:, : K - 1], target).cpu().numpy()
+        else:  # large vocab: one row at a time, so the fp32 copy is only [K, V]
+            lp = np.stack([token_logps(logits[b, : K - 1], target[b]).cpu().numpy() for b in range(len(seqs))])
+        return [lp[b, K - 1 - (len(s) - st):].astype(np.float32) for b, (s, st) in enumerate(zip(seqs, starts))]
