@@ -14,6 +14,7 @@ Only rank 0 writes, except sharded (FSDP) checkpoints, of which every process wr
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -512,10 +513,15 @@ def _write_json(path, obj):
 
 def _save_torch(obj, path):
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as "unexpected pos …"
+        free = shutil.disk_usage(os.path.dirname(tmp) or ".").free
+        os.remove(tmp)  # ours, half written: give the space back
+        raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO, f"torch.save failed: {e}", tmp) from e
     os.replace(tmp, path)
 
 

@@ -57,7 +57,8 @@ INT_ARGS = {"max_length": ("--max-length", 2, None, True), "max_prompt_length": 
             "batch_size": ("--batch-size", 1, None, True), "part_size": ("--part-size", 1, None, False),
             "limit": ("--limit", 1, None, True), "tensor_parallel_size": ("--tensor-parallel-size", 1, None, True),
             "max_model_len": ("--max-model-len", 2, None, True)}
-FLOAT_ARGS = {"gpu_memory_utilization": ("--gpu-memory-utilization", 0.0, 1.0, True)}  # (0, 1]
+FLOAT_ARGS = {"gpu_memory_utilization": ("--gpu-memory-utilization", 0.0, 1.0, True),  # (0, 1]
+              "kv_cache_gib": ("--kv-cache-gib", 0.0, math.inf, True)}  # (0, inf)
 
 
 def check_arguments(args: dict):
@@ -73,8 +74,9 @@ def check_arguments(args: dict):
         v = args.get(name)
         if v is None and none_ok:
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo < v <= hi:  # NaN fails too
-            raise UserError(f"{flag} {f'{v:g}' if isinstance(v, float) else v}: must be a number in ({lo:g}, {hi:g}]")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo < v <= hi or math.isinf(v):  # NaN too
+            allowed = f"in ({lo:g}, {hi:g}]" if math.isfinite(hi) else f"> {lo:g} and finite"
+            raise UserError(f"{flag} {f'{v:g}' if isinstance(v, float) else v}: must be a number {allowed}")
     parse_shard(args.get("shard"))
 
 

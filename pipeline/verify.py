@@ -13,6 +13,8 @@ beta * (log pi - log ref) summed over a completion, so an error e in the cached 
 beta * e and the margin (chosen - rejected) by beta * (e_chosen - e_rejected).
 """
 
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,24 @@ from refcache import UserError
 TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (1.0, 0.1)}
 
 
+def check_arguments(sample, tolerance, rtol, beta, batch_size):
+    """One-line UserError naming the first flag out of range (before any work)."""
+    for flag, v in (("--sample", sample), ("--batch-size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise UserError(f"{flag} {v}: must be a whole number >= 1")
+    for flag, v, lo, strict in (("--tolerance", tolerance, 0, True), ("--rtol", rtol, 0, False),
+                                ("--beta", beta, 0, True)):
+        if v is None and flag != "--beta":
+            continue  # the dtype's default
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v < lo or (strict and v == lo):
+            raise UserError(f"{flag} {v}: must be a finite number {'>' if strict else '>='} {lo}")
+
+
 def verify(cache_dir, sample=32, tolerance=None, rtol=None, beta=0.1, model=None, dtype=None, batch_size=16,
            seed=0, scorer=None) -> dict:
     """Re-score `sample` pairs and compare; `tolerance` is atol (nats), `rtol` the share of |log p| added."""
+    check_arguments(sample, tolerance, rtol, beta, batch_size)
     cache_dir = Path(cache_dir)
     m = read_manifest(cache_dir)
     consistent = check_consistency(cache_dir, check_parts(cache_dir, m, full=True))
@@ -45,8 +62,6 @@ def verify(cache_dir, sample=32, tolerance=None, rtol=None, beta=0.1, model=None
     default_atol, default_rtol = TOLERANCE.get(dtype, TOLERANCE["float32"])
     atol = default_atol if tolerance is None else tolerance
     rtol = default_rtol if rtol is None else rtol
-    if not (atol > 0 and rtol >= 0):
-        raise UserError(f"--tolerance {atol:g} --rtol {rtol:g}: need a tolerance above 0 and an rtol of 0 or more")
 
     t = load_table(cache_dir, ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_token_logps",
                                "ref_rejected_token_logps"])

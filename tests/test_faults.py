@@ -633,7 +633,8 @@ def test_seen_pairs_finds_the_first_row_of_every_pair():
 BAD_ARGS = [("--max-prompt-length", "-5"), ("--max-length", "1"), ("--batch-size", "0"), ("--part-size", "0"),
             ("--limit", "0"), ("--limit", "-3"), ("--shard", "2/2"), ("--shard", "-1/2"), ("--shard", "a/b"),
             ("--gpu-memory-utilization", "nan"), ("--gpu-memory-utilization", "1.5"),
-            ("--gpu-memory-utilization", "0"), ("--tensor-parallel-size", "0"), ("--max-model-len", "1")]
+            ("--gpu-memory-utilization", "0"), ("--tensor-parallel-size", "0"), ("--max-model-len", "1"),
+            ("--kv-cache-gib", "nan"), ("--kv-cache-gib", "-1"), ("--kv-cache-gib", "inf")]
 
 
 @pytest.mark.parametrize("flag,value", BAD_ARGS)
@@ -653,3 +654,11 @@ def test_python_api_gets_the_same_checks(tmp_path, data, tiny_model_dir):
         with pytest.raises(UserError, match=flag):
             precompute(data, tiny_model_dir, tmp_path / "cache", backend="hf", **kw)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--sample", "0"), ("--sample", "-3"), ("--tolerance", "nan"),
+                                        ("--tolerance", "-1"), ("--rtol", "inf"), ("--rtol", "-0.1"),
+                                        ("--beta", "nan"), ("--beta", "0")])
+def test_verify_arguments_are_checked_first(tmp_path, capsys, flag, value):
+    err = one_line_error(["verify", tmp_path / "no-cache", f"{flag}={value}"], capsys)
+    assert f"error: {flag} {value}" in err and "must be" in err, err

@@ -2,6 +2,7 @@
 `--out` never deletes what refcache did not write; a half-created run resumes; a second writer is refused."""
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -195,3 +196,49 @@ def test_second_writer_refused(capsys, tmp_path, train_cache):
                         *FAST[:1], "30", *FAST[2:], "--resume"], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert "stale lock" in r.stderr
+
+
+FULL_DISK = """
+import io, json, os, subprocess, sys
+from contextlib import redirect_stderr
+from pathlib import Path
+from refcache.cli import main
+
+cache, mnt, fast = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+mnt.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], check=True)
+filler = mnt / "filler"
+vfs = os.statvfs(mnt)
+filler.write_bytes(b"x" * (vfs.f_bavail * vfs.f_frsize - 1024 * 1024))  # 1 MiB left: logs fit, a checkpoint not
+runs = []
+for _ in range(2):
+    err = io.StringIO()
+    with redirect_stderr(err):
+        rc = main(["train", "--cache", cache, "--out", str(mnt / "run"), *fast, "--resume"])
+    runs.append({"rc": rc, "err": err.getvalue(), "tmp": sorted(str(p) for p in mnt.rglob("*.tmp"))})
+    filler.unlink(missing_ok=True)  # free space, then re-run the same command
+runs.append({"final": (mnt / "run" / "final" / "config.json").exists()})
+print(json.dumps(runs))
+"""
+
+
+def test_full_disk_in_training_is_one_line_and_resumes(tmp_path, train_cache):
+    """A checkpoint that does not fit (torch.save reports it as a RuntimeError) ends with refcache's one line
+    about the disk, leaves no half-written file, and the same command resumes once space is free."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no private tmpfs on this machine (unshare -rm)")
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["unshare", "-rm", sys.executable, str(script), str(train_cache), str(tmp_path / "mnt"),
+                        *FAST], cwd=root, env={**os.environ, "PYTHONPATH": root}, check=False, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, resumed, end = json.loads(r.stdout.strip().splitlines()[-1])
+    assert full["rc"] == 2 and full["err"].count("\n") == 1 and "Traceback" not in full["err"], full["err"]
+    assert "disk full writing " in full["err"] and "re-run to resume" in full["err"], full["err"]
+    assert full["tmp"] == []
+    assert resumed["rc"] == 0, resumed["err"]
+    assert end["final"]

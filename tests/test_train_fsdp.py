@@ -100,8 +100,9 @@ def test_two_fsdp_processes_equal_one(runs):
     # the eval pass: every eval pair scored, split over the processes and gathered
     e1, e2 = (pq.read_table(runs / r / "evals.parquet").to_pydict() for r in ("one", "fsdp2"))
     assert e1["step"] == e2["step"] == [0, 5, 10] and e2["pairs"] == [64] * 3
+    # logps are sums over ~100 tokens (~ -13 nats): the two layouts reduce in another order, ~1e-6 relative apart
     for k in ("loss", "reward_margin", "reward_accuracy", "policy_chosen_logp"):
-        np.testing.assert_allclose(e2[k], e1[k], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(e2[k], e1[k], atol=1e-5, rtol=2e-6)
     assert _summary(runs / "fsdp2")["eval"]["pairs"] == 64
     # rank 0 writes the logs: as many example rows; sharded checkpoints are directories
     assert pq.read_table(runs / "fsdp2" / "examples").num_rows == pq.read_table(runs / "one" / "examples").num_rows
