@@ -65,7 +65,7 @@ def test_cache_has_ches_from_the_hf_backend(train_cache, tiny_model_dir):
 
     manifest = read_manifest(train_cache)
     assert manifest["backend"]["settings"]["ches"] == "computed" and missing_reason(manifest) is None
-    t = pq.read_table(sorted(train_cache.glob("part-*.parquet"))[0]).to_pylist()
+    t = pq.read_table(min(train_cache.glob("part-*.parquet"))).to_pylist()
     assert all(r["ches"] is not None and r["ln_ches"] is not None for r in t)
     model = HFScorer(tiny_model_dir, "float32").model
     for r in t[:: max(1, len(t) // 6)]:
