@@ -23,6 +23,7 @@ from pathlib import Path
 import refcache
 from pipeline import cache
 from pipeline.backends import check_settings, make_scorer, resolve_backend, torch_dtype
+from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
 from pipeline.dedup import SeenPairs
@@ -165,7 +166,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
             tl = time.time()
             scorer = make_scorer(name, model_dir, dtype, **settings_)
             stats["load_seconds"] = round(time.time() - tl, 3)
-        chosen, rejected_lp = [], []
+        chosen, rejected_lp, ches = [], [], []  # ches: (ches, ln_ches) per pair, or (None, None)
         ts = time.time()
         step = SCORE_PAIRS.get(name, 256)
         for j in range(0, len(kept), step):
@@ -173,13 +174,15 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
             post0 = getattr(scorer, "post_seconds", 0.0)
             if getattr(scorer, "can_pack", lambda: False)():  # hf: one row per pair, the prompt runs once
                 lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
-                chosen += [c for c, _ in lps]
-                rejected_lp += [r for _, r in lps]
-            else:
+                chosen += [x[0] for x in lps]
+                rejected_lp += [x[1] for x in lps]
+                ches += [x[2:] for x in lps]
+            else:  # no hidden states come back: CHES stays null
                 seqs, starts = sequences(group)
                 lps = scorer.score(seqs, starts)
                 chosen += lps[0::2]
                 rejected_lp += lps[1::2]
+                ches += [(None, None)] * len(group)
             stats["post_seconds"] += getattr(scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
             stats["tokens"] += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             stats["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
@@ -204,7 +207,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
                          "formats": dict(Counter(t.pair.kind for t in kept)),
                          "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
         tw = time.time()
-        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp, extras.columns), meta, log)
+        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp, extras.columns,
+                                               ches=[c for c, _ in ches], ln_ches=[x for _, x in ches]), meta, log)
         stats["write_seconds"] += time.time() - tw
         stats["rows_kept"] += len(kept)
         stats["rows_rejected"] += len(rejected)
@@ -264,6 +268,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         summary.update(rows_read=ds["rows_read"], rows_kept=ds["rows_kept"], rows_rejected=ds["rows_rejected"])
         part_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
         summary["cache_bytes_per_pair"] = part_bytes / max(ds["rows_kept"], 1)
+        summary["ches"] = missing_reason(manifest) or COMPUTED  # for `refcache query displacement_risk`
         if ds["rows_kept"] == 0:
             raise UserError(f"all {ds['rows_read']} rows were rejected; reasons are in "
                             f"{cache.rejected_path(out, manifest)}")
@@ -434,6 +439,8 @@ def format_summary(s: dict) -> str:
             f"{k} ({why})" for k, why in s["skipped_columns"].items()))
     if s.get("complete"):
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
+        lines.append("CHES displacement scores (ches, ln_ches): " + s["ches"] +
+                     (" (rank them: refcache query displacement_risk)" if s["ches"] == COMPUTED else ""))
         if s["rows_rejected"]:
             lines.append(f"rejected rows and reasons: {cache.side_dir(s['out']) / cache.REJECTED_FILE}")
     else:

@@ -28,6 +28,13 @@
 --     greatest(min_gain, margin_noise) since the run's first probe; at probe step probe_step (-1 = each run's
 --     last), split probe_split ('all', 'train', 'eval'); ranked per run, rank 1 = chosen fell most.
 --     Columns: run, split, step, pair_id, chosen_drift, rejected_drift, margin, margin_gain, rank.
+--
+-- risk (view)                the cache pairs that have CHES scores, ranked before any training: cache, pair_id,
+--     ches, ln_ches, risk_rank = rank by ln_ches within its cache (1 = highest = most likely to displace the
+--     chosen response; ties by pair_id), risk_share = risk_rank / the cache's pairs with CHES (0.05 = in the
+--     top 5%). Pairs of a cache without CHES (caches.ches_missing says why) are not in it.
+-- spearman_se(n)             standard error of atanh(Spearman's rho) over n pairs, sqrt(1.06 / (n - 3))
+--     (Fieller, Hartley & Pearson 1957); NULL when n <= 3.
 
 CREATE MACRO token_edit_distance(a, b) AS
     levenshtein(array_to_string(list_transform(a, lambda x: chr((x + 57344)::INTEGER)), ''),
@@ -97,3 +104,13 @@ FROM now n
 JOIN first f USING (run, split, pair_id)
 JOIN probe_noise z USING (run)
 WHERE n.chosen_drift < -z.drift_noise AND n.margin - f.margin > greatest(min_gain, z.margin_noise);
+
+CREATE VIEW risk AS
+SELECT cache, pair_id, ches, ln_ches,
+       row_number() OVER w AS risk_rank,
+       row_number() OVER w / count(*) OVER (PARTITION BY cache) AS risk_share
+FROM pairs
+WHERE ln_ches IS NOT NULL
+WINDOW w AS (PARTITION BY cache ORDER BY ln_ches DESC, pair_id);
+
+CREATE MACRO spearman_se(n) AS CASE WHEN n > 3 THEN sqrt(1.06 / (n - 3)) END;

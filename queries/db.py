@@ -8,6 +8,8 @@ Views (all read straight from the Parquet files, nothing is copied):
                  (manifest `extra_columns`; null for a cache that lacks one); a schema-1 cache's `ches` and
                  `ln_ches` are null
   rejected_rows  union of the caches' rejected rows (__refcache__/rejected_rows.parquet), plus `cache`
+  caches         one row per cache from its manifest: cache, dir, schema_version, backend, dtype, rows,
+                 ches_missing (null when the cache has CHES; else the line saying why not: pipeline.ches)
   steps          union of the runs' steps.parquet, plus `run` (the run dir name)
   examples       union of the runs' examples/*.parquet, plus `run`
   runs           one row per run from config.json and summary.json (loss, beta, lr, cache paths, ...)
@@ -220,6 +222,7 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     rejected = [f"SELECT {_lit(n)} AS cache, * FROM read_parquet({_lit(c['rejected'])})"
                 for n, c in zip(cache_names, cache_info) if c["rejected"]]
     con.execute(f"CREATE VIEW rejected_rows AS {union(rejected, _empty_select(REJECTED_SCHEMA, 'cache'))}")
+    _caches_view(con, cache_names, cache_info)
     steps = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_lit(r['steps'])})"
              for n, r in zip(run_names, run_info) if r["steps"]]
     con.execute(f"CREATE VIEW steps AS {union(steps, _empty_select(STEPS_SCHEMA, 'run'))}")
@@ -273,6 +276,24 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _caches_view(con, names, infos):
+    """The `caches` view: what each attached cache's manifest says about how it was built."""
+    from pipeline.ches import missing_reason
+
+    rows = [(n, str(c["dir"]), c["manifest"]["schema_version"], (c["manifest"].get("backend") or {}).get("name"),
+             (c["manifest"].get("backend") or {}).get("dtype"), c["manifest"]["dataset"]["rows_kept"],
+             missing_reason(c["manifest"])) for n, c in zip(names, infos)]
+    names_types = [("cache", "VARCHAR"), ("dir", "VARCHAR"), ("schema_version", "INTEGER"), ("backend", "VARCHAR"),
+                   ("dtype", "VARCHAR"), ("rows", "BIGINT"), ("ches_missing", "VARCHAR")]
+    cells = ", ".join("(" + ", ".join(f"{'NULL' if v is None else _lit(v)}::{t}" for v, (_, t) in zip(r, names_types))
+                      + ")" for r in rows)
+    if cells:
+        con.execute(f"CREATE VIEW caches AS SELECT * FROM (VALUES {cells}) AS t({', '.join(n for n, _ in names_types)})")
+    else:
+        con.execute("CREATE VIEW caches AS SELECT " + ", ".join(f"NULL::{t} AS {n}" for n, t in names_types) +
+                    " WHERE false")
 
 
 def view_sources(con) -> dict:

@@ -11,7 +11,10 @@
 -- log-prob fell by more than the run's step-0 float noise and its margin grew by more than the step-0 margin
 -- noise (view probe_noise in _shared.sql). edit_distance = token Levenshtein distance between chosen and
 -- rejected; rel_edit = that / the longer completion's length (0 = identical, 1 = nothing shared);
--- near_identical = rel_edit <= 0.1; length_diff = chosen_len - rejected_len. Pair text: join `pairs` on pair_id.
+-- near_identical = rel_edit <= 0.1; ln_ches = the pair's ln-CHES and risk_share its standing in its cache
+-- before training (view risk: 0.05 = among the 5% most at risk; null without CHES), as `displacement_risk`
+-- ranks them; how well ln_ches and rel_edit predicted these rows: `refcache query displacement_prediction`.
+-- length_diff = chosen_len - rejected_len. Pair text: join `pairs` on pair_id.
 --
 -- param: step = -1 [-1, ] probe step to rank at; -1 = each run's last probe step
 -- param: limit = 15 [1, ] rows per run
@@ -31,7 +34,7 @@ pair_info AS (
           GROUP BY pair_id)
 )
 SELECT d.run, d.rank, d.split, d.step, d.chosen_drift, d.rejected_drift, d.margin_gain, i.edit_distance,
-       i.rel_edit, i.near_identical, i.chosen_len - i.rejected_len AS length_diff, d.margin, i.shared_prefix_len,
-       i.chosen_len, i.rejected_len, d.pair_id, i.cache
-FROM top d LEFT JOIN pair_info i USING (pair_id)
+       i.rel_edit, i.near_identical, r.ln_ches, r.risk_share, i.chosen_len - i.rejected_len AS length_diff,
+       d.margin, i.shared_prefix_len, i.chosen_len, i.rejected_len, d.pair_id, i.cache
+FROM top d LEFT JOIN pair_info i USING (pair_id) LEFT JOIN risk r USING (cache, pair_id)
 ORDER BY d.run, d.rank

@@ -360,17 +360,35 @@ def _displaced_html(disp: pl.DataFrame, texts: dict) -> str:
             text = "<span class=note>(pair not in the attached caches)</span>"
         near = {True: "yes", False: "no", None: ""}[r["near_identical"]]
         cells = [html.escape(r["run"]), r["rank"], r["split"], num(r["chosen_drift"], 3), num(r["rejected_drift"], 3),
-                 num(r["margin_gain"], 3), num(r["edit_distance"]), num(r["rel_edit"], 2), near, num(r["length_diff"])]
+                 num(r["margin_gain"], 3), num(r["edit_distance"]), num(r["rel_edit"], 2), near,
+                 num(r["ln_ches"], 3) if r["ln_ches"] is not None else "",
+                 f"{r['risk_share']:.0%}" if r["risk_share"] is not None else "", num(r["length_diff"])]
         rows.append("<tr>" + "".join(f"<td class=n>{c}</td>" for c in cells) + f"<td class=text>{text}</td></tr>")
     how = ("decoded with the cache's tokenizer" if decoded else
            "token ids: the tokenizer named in the cache manifest is not a loadable local directory")
     head = ["run", "rank", "split", "chosen drift (nats)", "rejected drift (nats)", "margin gain",
-            "edit distance (tokens)", "relative edit distance", "near-identical (≤ 0.1)", "length diff (tokens)",
+            "edit distance (tokens)", "relative edit distance", "near-identical (≤ 0.1)", "ln-CHES",
+            "ln-CHES rank in its cache (top %)", "length diff (tokens)",
             "prompt / chosen / rejected"]
     return (f"<p class=note>Text {how}. Each pair shows the prompt (grey), then chosen and rejected: the shared "
             f"prefix is shown on both lines; <span class=c>green</span> / <span class=r>red</span> is where "
             f"chosen / rejected differ.</p><table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>"
             f"{''.join(rows)}</table>")
+
+
+def _prediction_html(pred: pl.DataFrame) -> str:
+    """How well the pre-training predictors (ln-CHES, edit distance) picked the displaced pairs."""
+    if pred.is_empty():
+        return ""
+    notes = sorted({n for n in pred["note"].to_list() if n})
+    shown = pred.select("run", "step", "predictor", "metric", "above_noise", "estimate", "ci_low", "ci_high",
+                        "null_value", "p_value", "n")
+    return ("<h3>Did the pre-training ranking predict them? (<code>refcache query displacement_prediction</code>)"
+            "</h3><p class=note>spearman: rank correlation of the predictor's risk (ln-CHES highest first; "
+            "relative edit distance lowest first) with the chosen drop over all probe pairs; precision_at_top: "
+            "share of the predictor's top pairs among the top displaced pairs, against the share a random pick "
+            "gets (null_value). above_noise: the rule of the findings (step-0 noise, Holm).</p>" + _table(shown) +
+            "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes))
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 12px}
@@ -446,6 +464,7 @@ def write_report(runs, caches=None, out_dir="report", *, top=None) -> Path:
                          "noise (see Findings), so the run as a whole shows no displacement; the pairs below "
                          "moved by more than float rounding, not necessarily by more than chance.</p>")
         parts.append(_displaced_html(disp, _pair_texts(con, disp)))
+        parts.append(_prediction_html(run_query(con, "displacement_prediction", {"top": top})))
     else:
         parts.append("<p class=note>No cache attached (pass --cache CACHE): pair text and edit distances "
                      "come from the cache.</p>")

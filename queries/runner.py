@@ -4,7 +4,8 @@ Header format (comment lines at the top of the file):
     -- One-line description.                        (first line)
     -- param: NAME = DEFAULT [LO, HI] {a, b} help    (bounds and choices optional; DEFAULT's type is the type)
     -- param: NAME = 'DEFAULT' @VIEW help            (a column name of VIEW, e.g. `by` of slices.sql)
-    -- needs: examples, pairs                        (views that must have at least one source)
+    -- needs: examples, pairs                        (views that must have at least one source; `ches`: a
+                                                     cache with CHES scores, view `caches`)
 Parameters reach DuckDB as bound values (`$NAME`), never pasted into the SQL text. The exception is a
 column-name parameter (@VIEW): identifiers cannot be bound, so its value must name a column of VIEW (looked up
 on the connection) and `$NAME` is replaced by that column's name, quoted.
@@ -183,7 +184,12 @@ def run_query(con, name: str, params=None) -> pl.DataFrame:
     values = resolve_params(q, params)
     have = view_sources(con)
     for view in q.needs:
-        if not have.get(view):
+        if view == "ches":  # a cache with CHES scores (hf backend); else the caches' own reasons, one line
+            n, why = con.execute("SELECT count(*) FILTER (WHERE ches_missing IS NULL), "
+                             "string_agg(cache || ': ' || ches_missing, '; ') FROM caches").fetchall()[0]
+            if not n:
+                raise UserError(f"query {name} needs CHES scores: {why}")
+        elif not have.get(view):
             what = {"pairs": "a cache: pass --cache CACHE (no cache named in the runs' config.json exists)",
                     "examples": "run logs with examples/*.parquet: pass --run RUN",
                     "steps": "run logs with steps.parquet: pass --run RUN"}.get(view, f"the {view} view")

@@ -268,7 +268,7 @@ def test_slices_by_category_match_the_probe_rows_and_displacement(run, csv_input
     for r in got.iter_rows(named=True):
         assert r["displaced_low"] <= r["displaced_share"] <= r["displaced_high"]
         assert r["stands_out"] == (not r["displaced_low"] <= r["run_share"] <= r["displaced_high"])
-    assert got["ln_ches_mean"].null_count() == got.height  # not computed by the hf backend yet
+    assert got["ln_ches_mean"].null_count() == 0  # the hf backend computes CHES
 
     binned = queries.run_query(con, "slices", {"by": "score", "bins": 2})
     assert binned["n_pairs"].sum() == 32 and binned.height == 2
@@ -367,6 +367,12 @@ def test_a_version_1_cache_reads_in_training_verify_and_the_views(v1_cache, tmp_
     joined = "SELECT count(*) FROM examples JOIN pairs USING (pair_id) WHERE step = 0 AND source = 'probe'"
     assert con.sql(joined).fetchall() == [(4,)]
     assert queries.run_query(con, "drift").height > 0
+    # no CHES in a version-1 cache: displacement_risk says so in one line, displacement_prediction in its note
+    with pytest.raises(UserError, match="no CHES in this cache: built before refcache computed CHES "
+                                                 r"\(cache schema 1\); rebuild with --backend hf"):
+        queries.run_query(con, "displacement_risk")
+    pred = queries.run_query(con, "displacement_prediction").filter(pl.col("predictor") == "ln_ches")
+    assert pred.height == 2 and pred["estimate"].null_count() == 2 and pred["note"].str.contains("schema 1").all()
 
 
 def test_merge_keeps_a_version_1_cache_at_version_1(v1_cache, tmp_path, capsys):

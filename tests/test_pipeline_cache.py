@@ -91,7 +91,7 @@ def test_cache_matches_the_contract(train_cache, tiny_model_dir, prefs_dir):
         src = json.loads(lines[r["source_index"]])
         assert r["pair_id"] == pair_id(src.get("prompt"), src["chosen"], src["rejected"])
         assert r["category"] == src["category"]  # the input's own column, kept
-        assert r["ches"] is None and r["ln_ches"] is None  # this backend does not compute CHES
+        assert r["ches"] is not None and r["ln_ches"] is not None  # the hf backend computes CHES
         for side in ("chosen", "rejected"):
             lp = np.asarray(r[f"ref_{side}_token_logps"], dtype=np.float32)
             assert len(lp) == len(r[f"{side}_ids"]) == r[f"{side}_len"] > 0

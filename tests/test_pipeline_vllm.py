@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import queries
 from pipeline.backends import (
     BACKENDS,
     Scorer,
@@ -145,6 +146,11 @@ def test_vllm_matches_hf_per_token_fp32(tmp_path, vllm_scorer, eval_cache, tiny_
               f"0.1 max {r['margin_error_max']:.3g}")
     assert r["passed"] and r["margin_error_max"] < 1e-4
     assert read_manifest(eval_cache)["fingerprint"] != m["fingerprint"]  # backend is part of the fingerprint
+    # no CHES from vLLM (no hidden states): null columns, and the summary and displacement_risk say why
+    no_ches = "no CHES in this cache: built with the vllm backend; rebuild with --backend hf"
+    assert s["ches"] == no_ches and load_table(out).column("ln_ches").null_count == s["rows_kept"]
+    with pytest.raises(UserError, match=f"needs CHES scores: vllm_eval: {no_ches}$"):
+        queries.run_query(queries.connect(caches=[out]), "displacement_risk")
 
     # every row format (explicit, conversational, implicit text and chat) through both backends
     imp = tmp_path / "vllm_implicit"

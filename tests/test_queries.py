@@ -403,13 +403,14 @@ def test_top_is_one_number():
     from queries.findings import default_top
 
     qs = {q.name: q for q in queries.list_queries()}
-    assert qs["effects"].params["top"].default == qs["displacement"].params["limit"].default == default_top()
+    assert qs["effects"].params["top"].default == qs["displacement"].params["limit"].default == default_top() == \
+        qs["displacement_prediction"].params["top"].default
 
 
 def test_list_queries_have_headers():
     qs = {q.name: q for q in queries.list_queries()}
     assert set(qs) == {"drift", "displacement", "collapse", "length", "compare", "cache_overview", "train_eval_gap",
-                       "effects", "slices"}  # _shared.sql holds definitions, not a diagnostic
+                       "effects", "slices", "displacement_risk", "displacement_prediction"}  # _shared.sql: no diagnostic
     for q in qs.values():
         assert q.description and q.needs, q.name
         assert "How to read" in q.sql, q.name

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.backends import register, torch_dtype
+from pipeline.ches import COMPUTED
 from refcache import UserError
 
 
@@ -53,7 +54,8 @@ class HFScorer:
     def settings(self) -> dict:
         return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
                 "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair",
-                "compile": self.compile}
+                "compile": self.compile,
+                "ches": COMPUTED if self.can_pack() else "not computed (no shared-prompt layout for this model)"}
 
     def can_pack(self) -> bool:
         from pipeline.packing import plain_lm_head, takes_custom_mask
@@ -84,11 +86,13 @@ class HFScorer:
             attention_mask = attention_mask.repeat(2, 1, 1, 1)
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=False)
-        return out.last_hidden_state[:1] if lone else out.last_hidden_state
+        self._hidden = out.last_hidden_state[:1] if lone else out.last_hidden_state  # kept for CHES
+        return self._hidden
 
     def score_pairs(self, triples):
-        """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps)] float32, each
-        pair scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` pairs per forward."""
+        """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
+        per-token float32 arrays and the pair's CHES scores (pipeline/ches.py, floats) from the same forward.
+        Each pair is scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` per forward."""
         order = np.argsort([-(len(p) + len(c) + len(r)) for p, c, r in triples], kind="stable")
         out = [None] * len(triples)
         step = max(1, self.batch_size // 2)
@@ -106,17 +110,22 @@ class HFScorer:
 
     @torch.no_grad()
     def _packed_batch(self, triples):
-        """One forward over shared-prompt rows through the kernel stage 2 trains with (pipeline/logps.py)."""
+        """One forward over shared-prompt rows through the kernel stage 2 trains with (pipeline/logps.py); CHES
+        from the same forward's hidden states at the scored positions (the LM head's input)."""
+        from pipeline.ches import ches_scores
         from pipeline.packing import pack_pairs
 
         b = {k: v.to(self.device) for k, v in pack_pairs(triples, self.pad_id).items()}
         _, tok = self._net(b["input_ids"], b["hidden_index"], b["targets"], b["seq_index"], 2 * len(triples),
                            b["position_ids"], b["attention_mask"])
+        h = self._hidden.reshape(-1, self._hidden.shape[-1]).index_select(0, b["hidden_index"])
+        ches, ln_ches = (x.cpu().tolist() for x in ches_scores(h, b["seq_index"], len(triples)))
+        self._hidden = None
         lp = tok.cpu().numpy().astype(np.float32)
         n_c = sum(len(c) for _, c, _ in triples)
         ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
         ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
-        return list(zip(np.split(lp[:n_c], ends_c), np.split(lp[n_c:], ends_r)))
+        return list(zip(np.split(lp[:n_c], ends_c), np.split(lp[n_c:], ends_r), ches, ln_ches))
 
     def score(self, seqs, starts, sort=True):
         order = np.argsort([-len(s) for s in seqs], kind="stable") if sort else np.arange(len(seqs))

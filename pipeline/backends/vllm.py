@@ -203,7 +203,7 @@ class VLLMScorer:
         return {"max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len,
                 "tensor_parallel_size": self.tensor_parallel_size, "enforce_eager": self.enforce_eager,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "kv_cache_bytes": self.kv_cache_bytes,
-                "fast_output": self.fast_output}
+                "fast_output": self.fast_output, "ches": "not computed (vLLM returns no hidden states)"}
 
     def score(self, seqs, starts):
         from vllm import SamplingParams, TokensPrompt

@@ -1,0 +1,50 @@
+"""CHES: how likely a preference pair is to displace its chosen response, from the reference model alone.
+
+Razin et al. 2024, "Unintentional Unalignment: Likelihood Displacement in Direct Preference Optimization"
+(https://arxiv.org/abs/2410.08847), section 5. With h the reference model's last-layer hidden state (decoder
+output after the final norm: the input of the LM head) at each position that predicts a completion token:
+
+    ches    = <sum h+, sum h->  - ||sum h+||^2        (sums over the chosen (+) and rejected (-) tokens)
+    ln_ches = <mean h+, mean h-> - ||mean h+||^2      (means over each completion's own tokens)
+
+The higher, the more similar the two completions look to the model, and the more a DPO step that pushes the
+rejected one down drags the chosen one with it. The paper drops the top-scoring pairs (by ln-CHES) to avoid
+displacement. Computed in fp32 whatever the model's dtype (bf16 hidden states are upcast first).
+"""
+
+import torch
+
+
+def ches_scores(hidden, seq_index, n_pairs: int):
+    """hidden (N, H): hidden states at the N completion-predicting positions of `n_pairs` pairs, any float
+    dtype; seq_index (N,) int64: row j < n_pairs = chosen of pair j, n_pairs + j = rejected of pair j (the
+    order pipeline/packing.py's pack_pairs gives). Every completion has at least one token.
+    Returns (ches, ln_ches), each (n_pairs,) float32."""
+    h = hidden.float()
+    sums = torch.zeros(2 * n_pairs, h.shape[1], dtype=torch.float32, device=h.device).index_add_(0, seq_index, h)
+    counts = torch.bincount(seq_index, minlength=2 * n_pairs).to(torch.float32)
+    means = sums / counts[:, None]
+    return _score(sums[:n_pairs], sums[n_pairs:]), _score(means[:n_pairs], means[n_pairs:])
+
+
+def _score(pos, neg):
+    """<pos, neg> - ||pos||^2 row by row: pos, neg (b, H) -> (b,)."""
+    return (pos * neg).sum(-1) - (pos * pos).sum(-1)
+
+
+COMPUTED = "computed"  # the backend settings' `ches` entry (manifest backend.settings) when the cache has CHES
+
+
+def missing_reason(manifest: dict):
+    """None when this cache has CHES; else one line saying why not and what to do (for the diagnostics that
+    need it and the precompute summary)."""
+    backend = manifest.get("backend") or {}
+    if (backend.get("settings") or {}).get("ches") == COMPUTED:
+        return None
+    if manifest.get("schema_version", 1) == 1:
+        why = "built before refcache computed CHES (cache schema 1)"
+    elif backend.get("name") == "hf" and "ches" not in (backend.get("settings") or {}):
+        why = "built with the hf backend before refcache computed CHES"
+    else:
+        why = f"built with the {backend.get('name', 'unknown')} backend"
+    return f"no CHES in this cache: {why}; rebuild with --backend hf"
