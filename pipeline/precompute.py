@@ -18,6 +18,7 @@ import numbers
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import refcache
@@ -104,7 +105,67 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
     Numeric arguments are checked first; then the shard's lock on `out` is taken (a second writer of the
     same shard is refused) and held until the cache (or this shard) is written."""
     t0 = time.time()
-    shard_i, shard_n = parse_shard(shard)
+    job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
+                max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
+                shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
+                progress=progress, scorer=scorer, backend_settings=backend_settings)
+    out = Path(out)
+    cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
+    done, changed = cache.done_parts(out, job.fingerprint, job.shard)
+    for f in changed:
+        print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it", file=sys.stderr)
+
+    writer = PartWriter(job, out, scorer, progress)
+    rows_read = 0  # by every shard: the shard record's row count
+    try:
+        for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
+            rows_read += len(items)
+            if k % job.shard[1] != job.shard[0]:
+                continue  # another shard's part
+            if k in done:
+                writer.reuse(items, done[k]["part"])
+            else:
+                writer.write(k, items)
+    finally:
+        writer.close()
+    if rows_read == 0:
+        raise UserError(f"{data}: no rows to read")
+
+    _write_shard_record(out, job, rows_read)
+    manifest = _merge_if_last(out, job)
+    summary = _summary(out, job, writer, manifest, time.time() - t0)
+    if manifest and manifest["dataset"]["rows_kept"] == 0:
+        raise UserError(f"all {manifest['dataset']['rows_read']} rows were rejected; reasons are in "
+                        f"{cache.rejected_path(out, manifest)}")
+    return summary
+
+
+@dataclass
+class Job:
+    """What one precompute run builds, resolved from its arguments before any scoring (see `_plan`)."""
+
+    src: Source
+    model_dir: Path
+    backend: str  # hf | vllm
+    dtype: str
+    limit: int | None
+    part_size: int
+    prompt_split: str
+    shard: tuple  # (i, n)
+    extras: object  # pipeline.columns.ExtraColumns: the input's own columns the cache keeps
+    scan_seconds: float
+    pair_tok: PairTokenizer
+    scorer_settings: dict  # what make_scorer gets when the run starts its own scorer
+    settings: dict  # everything that changes the cache's content: fingerprinted
+    fingerprint: str
+    identity: dict  # model, tokenizer, tokenization, backend, dataset: recorded with every part
+
+
+def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncation_mode, batch_size, shard, limit,
+          part_size, columns, prompt_split, progress, scorer, backend_settings) -> Job:
+    """Check the arguments against the model, read the model's, tokenizer's and input's identities and scan the
+    input's columns: everything the run needs before it reads a row."""
+    shard = parse_shard(shard)
     torch_dtype(dtype)
     prompt_split = check_prompt_split(prompt_split)
     model_dir = resolve_model_dir(model)
@@ -113,7 +174,10 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
                                              backend_settings.get("max_model_len"))
     if truncation_mode not in ("keep_end", "keep_start"):
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
-    check_settings(name, dict(backend_settings, batch_size=batch_size))  # a setting for another backend: refused
+    scorer_settings = dict(backend_settings, batch_size=batch_size)
+    check_settings(name, scorer_settings)  # a setting for another backend: refused
+    if name == "vllm":
+        scorer_settings["max_model_len"] = scorer_settings.get("max_model_len") or max_length + 1
 
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)
@@ -132,135 +196,183 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
                 "columns": src.columns, "limit": limit, "part_size": part_size,
                 "extra_columns": extras.columns, "skipped_columns": extras.skipped}
     settings["duplicates"] = "first copy kept, later copies rejected"  # pipeline/dedup.py
-    fingerprint = cache.settings_fingerprint(settings)
-    out = Path(out)
-    cache.check_compatible(out, fingerprint, settings)
-    done, changed = cache.done_parts(out, fingerprint, (shard_i, shard_n))
-    for f in changed:
-        print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it", file=sys.stderr)
-    log = cache.written_log(shard_i, shard_n)
-
     identity = {"model": model_id, "tokenizer": tok_id, "tokenization": tok_settings,
                 "backend": {"name": name, "dtype": dtype},
                 "dataset": {**src.describe(), "sha256": data_sha, "columns": src.columns, "limit": limit,
                             "part_size": part_size}}
-    stats = {"rows_read": 0, "rows_kept": 0, "rows_rejected": 0, "tokens": 0, "completion_tokens": 0,
-             "parts_written": 0, "parts_skipped": 0, "load_seconds": 0.0, "post_seconds": 0.0, "write_seconds": 0.0,
-             "scan_seconds": round(scan_seconds, 3), "extra_columns": extras.columns,
-             "skipped_columns": extras.skipped,
-             "formats": dict.fromkeys(FORMATS, 0), "split_rules": dict.fromkeys(SPLIT_RULES, 0)}
-    bar = _progress(src, limit, shard_n, progress)
-    own_scorer = scorer is None
-    score_seconds = 0.0
+    return Job(src=src, model_dir=model_dir, backend=name, dtype=dtype, limit=limit, part_size=part_size,
+               prompt_split=prompt_split, shard=shard, extras=extras, scan_seconds=scan_seconds, pair_tok=pair_tok,
+               scorer_settings=scorer_settings, settings=settings, fingerprint=cache.settings_fingerprint(settings),
+               identity=identity)
 
-    def run_chunk(k, items):
-        nonlocal scorer, score_seconds
+
+FORMATS = ("explicit", "conversational", "implicit-text", "implicit-conversation")  # Pair.kind
+
+
+@dataclass
+class Stage1Stats:
+    """This shard's counters, in the summary's order: rows read = kept + rejected, over written and reused parts."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_rejected: int = 0
+    tokens: int = 0  # scored in this run (prompt + chosen + rejected)
+    completion_tokens: int = 0
+    parts_written: int = 0
+    parts_skipped: int = 0  # reused from an earlier run
+    load_seconds: float = 0.0  # starting the scorer
+    post_seconds: float = 0.0  # turning engine output into numpy (part of the scoring time)
+    write_seconds: float = 0.0
+    scan_seconds: float = 0.0
+    extra_columns: list = field(default_factory=list)
+    skipped_columns: dict = field(default_factory=dict)
+    formats: dict = field(default_factory=lambda: dict.fromkeys(FORMATS, 0))  # kept rows per Pair.kind
+    split_rules: dict = field(default_factory=lambda: dict.fromkeys(SPLIT_RULES, 0))  # implicit prompts' splits
+
+    def add_part(self, part: dict):
+        """Count a part (its metadata's "part" record, written now or reused)."""
+        self.rows_kept += part["rows_kept"]
+        self.rows_rejected += len(part["rejected"])
+        for key in ("formats", "split_rules"):
+            totals = getattr(self, key)
+            for k, n in part.get(key, {}).items():
+                totals[k] = totals.get(k, 0) + n
+
+
+class PartWriter:
+    """Writes this shard's new parts (tokenize, score, write) and counts them and the reused ones, with progress.
+    It starts the scorer at the first pair to score, so a resumed run with nothing left never loads the model;
+    `close` stops the scorer it started (never a caller's)."""
+
+    def __init__(self, job: Job, out: Path, scorer, progress: bool):
+        self.job, self.out = job, out
+        self.scorer, self.own_scorer = scorer, scorer is None
+        self.stats = Stage1Stats(scan_seconds=round(job.scan_seconds, 3), extra_columns=job.extras.columns,
+                                 skipped_columns=job.extras.skipped)
+        self.score_seconds = 0.0  # scoring only (the scorer's start excluded)
+        self.log = cache.written_log(*job.shard)
+        self.bar = _progress(job.src, job.limit, job.shard[1], progress)
+
+    def reuse(self, items: list, part: dict):
+        """Count a part an earlier run wrote (`part`: its metadata's "part" record)."""
+        self.stats.rows_read += len(items)
+        self.stats.parts_skipped += 1
+        self.stats.add_part(part)
+        self._advance(len(items))
+
+    def write(self, k: int, items: list):
+        """Tokenize and score chunk k's pairs and write part k; every row not kept is recorded with its reason."""
+        self.stats.rows_read += len(items)
         pairs = [p for p in items if isinstance(p, Pair)]
         rejected = [p for p in items if not isinstance(p, Pair)]
-        kept, rej = tokenize_rows(pair_tok, pairs)
+        kept, rej = tokenize_rows(self.job.pair_tok, pairs)
         rejected += [(p.index, p.file, reason) for p, reason in rej]
-        if kept and scorer is None:
-            settings_ = dict(backend_settings, batch_size=batch_size)
-            if name == "vllm":
-                settings_["max_model_len"] = settings_.get("max_model_len") or max_length + 1
+        chosen, rejected_lp, ches, ln_ches = self._score(kept)
+        self._advance(len(items) - len(kept))
+        rejected.sort()
+        meta = part_meta(self.job, k, items, kept, rejected, self.scorer)
+        tw = time.time()
+        table = cache.part_table(kept, chosen, rejected_lp, self.job.extras.columns, ches=ches, ln_ches=ln_ches)
+        cache.write_part(self.out, k, table, meta, self.log)
+        self.stats.write_seconds += time.time() - tw
+        self.stats.parts_written += 1
+        self.stats.add_part(meta["part"])
+
+    def _score(self, kept: list) -> tuple:
+        """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored SCORE_PAIRS pairs at a time."""
+        if kept and self.scorer is None:
             tl = time.time()
-            scorer = make_scorer(name, model_dir, dtype, **settings_)
-            stats["load_seconds"] = round(time.time() - tl, 3)
-        chosen, rejected_lp, ches = [], [], []  # ches: (ches, ln_ches) per pair, or (None, None)
+            self.scorer = make_scorer(self.job.backend, self.job.model_dir, self.job.dtype, **self.job.scorer_settings)
+            self.stats.load_seconds = round(time.time() - tl, 3)
+        cols = ([], [], [], [])
         ts = time.time()
-        step = SCORE_PAIRS.get(name, 256)
+        step = SCORE_PAIRS.get(self.job.backend, 256)
         for j in range(0, len(kept), step):
             group = kept[j: j + step]
-            post0 = getattr(scorer, "post_seconds", 0.0)
-            if getattr(scorer, "can_pack", lambda: False)():  # hf: one row per pair, the prompt runs once
-                lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
-                chosen += [x[0] for x in lps]
-                rejected_lp += [x[1] for x in lps]
-                ches += [x[2:] for x in lps]
-            else:  # no hidden states come back: CHES stays null
-                seqs, starts = sequences(group)
-                lps = scorer.score(seqs, starts)
-                chosen += lps[0::2]
-                rejected_lp += lps[1::2]
-                ches += [(None, None)] * len(group)
-            stats["post_seconds"] += getattr(scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
-            stats["tokens"] += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-            stats["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-            if bar is not None:
-                bar.update(len(group))
-                busy = score_seconds + time.time() - ts  # scoring time so far (model start excluded)
-                bar.set_postfix(tok_s=f"{stats['tokens'] / max(busy, 1e-9):,.0f}", refresh=False)
-        score_seconds += time.time() - ts
-        if bar is not None:
-            bar.update(len(items) - len(kept))
-        rejected.sort()
-        meta = {"schema_version": SCHEMA_VERSION, "refcache_version": refcache.__version__,
-                "fingerprint": fingerprint, "settings": settings,
-                "identity": {**identity, "backend": {**identity["backend"], "version": scorer.version(),
-                                                     "settings": scorer.settings()} if scorer else
-                             identity["backend"]},
-                "part": {"index": k, "first_source_index": k * part_size, "rows_read": len(items),
-                         "rows_kept": len(kept), "rejected": rejected,
-                         "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
-                         "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
-                         "rejected_tokens": sum(len(t.rejected_ids) for t in kept),
-                         "formats": dict(Counter(t.pair.kind for t in kept)),
-                         "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
-        tw = time.time()
-        cache.write_part(out, k, cache.part_table(kept, chosen, rejected_lp, extras.columns,
-                                               ches=[c for c, _ in ches], ln_ches=[x for _, x in ches]), meta, log)
-        stats["write_seconds"] += time.time() - tw
-        stats["rows_kept"] += len(kept)
-        stats["rows_rejected"] += len(rejected)
-        stats["parts_written"] += 1
-        _add_counts(stats, meta["part"])
+            post0 = getattr(self.scorer, "post_seconds", 0.0)
+            for col, values in zip(cols, score_group(self.scorer, group)):
+                col += values
+            self.stats.post_seconds += getattr(self.scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
+            self.stats.tokens += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
+            self.stats.completion_tokens += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
+            self._advance(len(group), busy=self.score_seconds + time.time() - ts)
+        self.score_seconds += time.time() - ts
+        return cols
 
-    def finish_chunk(k, items):
-        if k % shard_n != shard_i:
+    def _advance(self, n: int, busy: float | None = None):
+        """Move the progress bar by n pairs; with `busy` (scoring seconds so far), show tokens/s."""
+        if self.bar is None:
             return
-        stats["rows_read"] += len(items)
-        if k in done:
-            p = done[k]["part"]
-            stats["rows_kept"] += p["rows_kept"]
-            stats["rows_rejected"] += len(p["rejected"])
-            stats["parts_skipped"] += 1
-            _add_counts(stats, p)
-            if bar is not None:
-                bar.update(len(items))
-            return
-        run_chunk(k, items)
+        self.bar.update(n)
+        if busy is not None:
+            self.bar.set_postfix(tok_s=f"{self.stats.tokens / max(busy, 1e-9):,.0f}", refresh=False)
 
-    total_read = 0
-    try:
-        for k, items in read_chunks(src, limit, part_size, prompt_split, extras):
-            total_read += len(items)
-            finish_chunk(k, items)
-    finally:
-        if bar is not None:
-            bar.close()
-        if own_scorer and scorer is not None and hasattr(scorer, "close"):
-            scorer.close()
-    if total_read == 0:
-        raise UserError(f"{data}: no rows to read")
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.own_scorer and self.scorer is not None and hasattr(self.scorer, "close"):
+            self.scorer.close()
 
-    num_chunks = math.ceil(total_read / part_size)
-    cache.write_json(out / cache.shard_name(shard_i, shard_n), {
-        "fingerprint": fingerprint, "settings": settings, "identity": identity,
-        "shard": {"index": shard_i, "count": shard_n}, "num_chunks": num_chunks, "rows_read": total_read,
+
+def score_group(scorer, group: list) -> tuple:
+    """Score tokenized pairs: (chosen log-probs, rejected log-probs, ches, ln_ches), one entry per pair. A scorer
+    that packs a pair into one prompt-shared row (hf) returns CHES from the same forward; the others return no
+    hidden states, so CHES stays null (None)."""
+    if getattr(scorer, "can_pack", lambda: False)():
+        lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
+        return [x[0] for x in lps], [x[1] for x in lps], [x[2] for x in lps], [x[3] for x in lps]
+    seqs, starts = sequences(group)
+    lps = scorer.score(seqs, starts)
+    return lps[0::2], lps[1::2], [None] * len(group), [None] * len(group)
+
+
+def part_meta(job: Job, k: int, items: list, kept: list, rejected: list, scorer) -> dict:
+    """Part k's key-value metadata: the fingerprinted settings, the identity (with the scorer's version and
+    settings once one runs) and the part's own counts and rejected rows."""
+    backend = job.identity["backend"]
+    if scorer:
+        backend = {**backend, "version": scorer.version(), "settings": scorer.settings()}
+    return {"schema_version": SCHEMA_VERSION, "refcache_version": refcache.__version__,
+            "fingerprint": job.fingerprint, "settings": job.settings, "identity": {**job.identity, "backend": backend},
+            "part": {"index": k, "first_source_index": k * job.part_size, "rows_read": len(items),
+                     "rows_kept": len(kept), "rejected": rejected,
+                     "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
+                     "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
+                     "rejected_tokens": sum(len(t.rejected_ids) for t in kept),
+                     "formats": dict(Counter(t.pair.kind for t in kept)),
+                     "split_rules": dict(Counter(t.pair.split for t in kept if t.pair.split))}}
+
+
+def _write_shard_record(out: Path, job: Job, rows_read: int):
+    """This shard's record: it has run to the end with these settings (the merge waits for every shard's)."""
+    i, n = job.shard
+    cache.write_json(out / cache.shard_name(i, n), {
+        "fingerprint": job.fingerprint, "settings": job.settings, "identity": job.identity,
+        "shard": {"index": i, "count": n}, "num_chunks": math.ceil(rows_read / job.part_size), "rows_read": rows_read,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    others = [out / cache.shard_name(j, shard_n) for j in range(shard_n)]
-    complete = all((cache.read_json(p) or {}).get("fingerprint") == fingerprint for p in others)
-    manifest = cache.merge_unless_merging(out) if complete else None  # None: another shard is merging
+
+def _merge_if_last(out: Path, job: Job) -> dict | None:
+    """Merge when every shard has its record: the manifest; None while a shard is missing or another merges."""
+    others = [out / cache.shard_name(j, job.shard[1]) for j in range(job.shard[1])]
+    if not all((cache.read_json(p) or {}).get("fingerprint") == job.fingerprint for p in others):
+        return None
+    manifest = cache.merge_unless_merging(out)  # None: another shard is merging
     if manifest:
         cache.remove_temp_files(out)
-    seconds = time.time() - t0
+    return manifest
+
+
+def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, seconds: float) -> dict:
+    """The run's summary (format_summary prints it); with the whole cache's counts once it is merged."""
+    stats, score_seconds = writer.stats, writer.score_seconds
     summary = {
-        "out": str(out), "backend": name, "dtype": dtype, "shard": f"{shard_i}/{shard_n}", "complete": bool(manifest),
-        **stats, "seconds": round(seconds, 3), "score_seconds": round(score_seconds, 3),
-        "tokens_per_s": stats["tokens"] / score_seconds if score_seconds else 0.0,
+        "out": str(out), "backend": job.backend, "dtype": job.dtype, "shard": "{}/{}".format(*job.shard),
+        "complete": bool(manifest), **asdict(stats), "seconds": round(seconds, 3),
+        "score_seconds": round(score_seconds, 3),
+        "tokens_per_s": stats.tokens / score_seconds if score_seconds else 0.0,
         # share of the stage spent turning backend output into numpy and writing Parquet
-        "postprocess_share": (stats["post_seconds"] + stats["write_seconds"]) / (score_seconds + stats["write_seconds"])
+        "postprocess_share": (stats.post_seconds + stats.write_seconds) / (score_seconds + stats.write_seconds)
         if score_seconds else None,
     }
     if manifest:
@@ -269,20 +381,7 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         part_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
         summary["cache_bytes_per_pair"] = part_bytes / max(ds["rows_kept"], 1)
         summary["ches"] = missing_reason(manifest) or COMPUTED  # for `refcache query displacement_risk`
-        if ds["rows_kept"] == 0:
-            raise UserError(f"all {ds['rows_read']} rows were rejected; reasons are in "
-                            f"{cache.rejected_path(out, manifest)}")
     return summary
-
-
-FORMATS = ("explicit", "conversational", "implicit-text", "implicit-conversation")  # Pair.kind
-
-
-def _add_counts(stats, part):
-    """Add a part's kept rows per format and per implicit-prompt rule to the run's totals."""
-    for key in ("formats", "split_rules"):
-        for k, n in part.get(key, {}).items():
-            stats[key][k] = stats[key].get(k, 0) + n
 
 
 def precompute(*args, **kwargs) -> dict:
