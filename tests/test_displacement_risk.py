@@ -7,6 +7,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+from oracles import levenshtein
 
 import queries
 from pipeline.cache import load_table
@@ -14,15 +15,6 @@ from refcache import UserError
 
 TOP = 10
 
-
-def _levenshtein(a, b) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def test_displacement_risk_ranks_a_fresh_cache(train_cache):
@@ -35,7 +27,7 @@ def test_displacement_risk_ranks_a_fresh_cache(train_cache):
     assert got["ln_ches"].to_list() == want["ln_ches"].to_list() and got["ches"].to_list() == want["ches"].to_list()
     assert got["top_share"].to_list() == pytest.approx([k / t.height for k in range(1, 21)])
     for g, w in zip(got.iter_rows(named=True), want.iter_rows(named=True)):
-        d = _levenshtein(w["chosen_ids"], w["rejected_ids"])
+        d = levenshtein(w["chosen_ids"], w["rejected_ids"])
         rel = d / max(w["chosen_len"], w["rejected_len"])
         assert (g["edit_distance"], g["near_identical"]) == (d, rel <= 0.1)
         assert g["rel_edit"] == pytest.approx(rel)
@@ -81,7 +73,7 @@ def _direct(run, caches):
     p = last.join(cache, on="pair_id").with_columns(
         drift=pl.col("policy_chosen_logp") - pl.col("ref_chosen_logp"))
     drop = np.where(p["drift"].abs() <= drift_noise, 0.0, -p["drift"].to_numpy())
-    rel = np.array([_levenshtein(a, b) / max(len(a), len(b)) for a, b in zip(p["chosen_ids"], p["rejected_ids"])])
+    rel = np.array([levenshtein(a, b) / max(len(a), len(b)) for a, b in zip(p["chosen_ids"], p["rejected_ids"])])
     displaced = p.filter((pl.col("drift") < -drift_noise) & (pl.col("margin") - pl.col("first_margin") > margin_noise))
     top = set(zip(*displaced.sort(["drift", "pair_id"]).head(TOP).select("split", "pair_id")))
     keys = list(zip(p["split"], p["pair_id"]))

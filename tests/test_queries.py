@@ -6,6 +6,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+from oracles import levenshtein
 
 import queries
 from queries.synth import make_world
@@ -43,16 +44,6 @@ def probes(w) -> pl.DataFrame:
         dc=pl.col("policy_chosen_logp") - pl.col("ref_chosen_logp"),
         dr=pl.col("policy_rejected_logp") - pl.col("ref_rejected_logp"))
 
-
-def levenshtein(a, b) -> int:
-    """Token edit distance, the textbook dynamic programme (independent of the SQL macro)."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def rel_edit(a, b) -> float:

@@ -6,6 +6,7 @@ import math
 
 import polars as pl
 import pytest
+from oracles import levenshtein
 
 import queries
 from queries.report import write_report
@@ -67,15 +68,6 @@ def test_real_run_every_diagnostic_answers(real_run, tmp_path):
     assert "decoded with the cache's tokenizer" in page
 
 
-def _levenshtein(a, b) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
 
 def test_near_identical_base_rate_on_embedded_data(real_run):
     """The near-identical rule (relative token edit distance <= 0.1) on the embedded pairs: the SQL macro
@@ -85,7 +77,7 @@ def test_near_identical_base_rate_on_embedded_data(real_run):
                   "ORDER BY cache").fetchall()
     for cache, rate in got:
         p = pl.read_parquet(real_run[{"train": "cache", "eval": "eval_cache"}[cache]] / "part-*.parquet")
-        rel = [_levenshtein(a, b) / max(len(a), len(b)) for a, b in zip(p["chosen_ids"], p["rejected_ids"])]
+        rel = [levenshtein(a, b) / max(len(a), len(b)) for a, b in zip(p["chosen_ids"], p["rejected_ids"])]
         assert rate == pytest.approx(sum(r <= 0.1 for r in rel) / len(rel))
         shorter = p.select(pl.min_horizontal("chosen_len", "rejected_len")).to_series()
         longer = p.select(pl.max_horizontal("chosen_len", "rejected_len")).to_series()
