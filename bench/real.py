@@ -172,8 +172,9 @@ def child_profile(args):
 
     from dpo import data as D
     from dpo.logps import CompletionLogps, batch_logps
-    from dpo.train import _load_causal_lm
+    from dpo.model import load_causal_lm
     from pipeline.backends import HFScorer
+    from pipeline.logps import bf16_matmul_native
     from pipeline.precompute import precompute
 
     work = Path(args.work)
@@ -193,13 +194,14 @@ def child_profile(args):
         shutil.rmtree(cache, ignore_errors=True)
         precompute(work / "pairs.jsonl", MODEL, cache, backend="hf", limit=8, progress=False)
     pairs = D.load_pairs(str(cache))
-    model = _load_causal_lm(str(MODEL))
+    model = load_causal_lm(str(MODEL))
     net = CompletionLogps(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
     batch = D.collate(pairs, np.arange(4), share_prompt=True)
     for dtype in ("float32", "bfloat16"):
         def step(dtype=dtype):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            # as dpo/train.py's Run.autocast: no autocast on a CPU without bf16 instructions
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16" and bf16_matmul_native("cpu")):
                 pc, pr, _ = batch_logps(net, batch, "cpu")
             (pc - pr).sum().float().backward()
             opt.step()

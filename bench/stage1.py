@@ -99,6 +99,7 @@ def run_one(args):
               for x in pair]
         np.save(Path(args.work) / f"{label}-{dtype}.npy", np.concatenate(lp))
         res["backend"] = label
+        res["compute_dtype"] = scorer.settings().get("compute_dtype", dtype)  # hf: fp32 math without bf16 instructions
         if hasattr(scorer, "close"):
             scorer.close()
     k = tokenized_pairs(args.model, args.data, args.limit, args.max_length)

@@ -41,6 +41,7 @@ from dpo.config import TrainConfig, loss_params, validate
 from dpo.logps import CompletionLogps, batch_logps
 from dpo.model import load_causal_lm, load_policy
 from dpo.runlog import RunLog, Scores, StepResult, open_run_dir
+from pipeline.logps import bf16_matmul_native
 from pipeline.packing import takes_custom_mask
 from refcache import UserError
 
@@ -120,8 +121,10 @@ class Run:
 
     @property
     def autocast(self):
-        """bf16 autocast, except under FSDP, whose mixed-precision policy casts the weights instead."""
-        on = self.cfg.dtype == "bfloat16" and not self.sharded
+        """bf16 autocast, except under FSDP, whose mixed-precision policy casts the weights instead, and on a CPU
+        without bf16 instructions, where bf16 matmuls are the slow path (pipeline/logps.py bf16_matmul_native:
+        SmolLM2 forward + backward at ONEDNN_MAX_CPU_ISA=AVX2: 151 s in bf16, 12.4 s in fp32): it trains in fp32."""
+        on = self.cfg.dtype == "bfloat16" and not self.sharded and bf16_matmul_native(self.world.device)
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=on)
 
     def batch(self, step: int) -> np.ndarray:
@@ -205,6 +208,8 @@ def _models(cfg, world, parallel):
     net = CompletionLogps(model)
     ref_net = CompletionLogps(load_causal_lm(cfg.ref_model)).eval().requires_grad_(False) if cfg.live_ref else None
     share = cfg.share_prompt and takes_custom_mask(model) and (ref_net is None or takes_custom_mask(ref_net.model))
+    if cfg.dtype == "bfloat16" and parallel != "fsdp" and not bf16_matmul_native(world.device) and world.master:
+        print("note: this CPU has no bf16 instructions (bf16 matmuls run 2-12x slower than fp32); computing in fp32")
     if cfg.share_prompt and not share and world.master:
         print("note: this attention implementation takes no custom mask; prompts run once per completion")
     train_net = P.wrap(net, model, world, parallel, cfg.dtype)

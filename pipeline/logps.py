@@ -11,12 +11,34 @@ a 4D mask (pipeline/packing.py); `hidden_index` points at the hidden states to s
 The independent oracle `HFScorer.score` (used by `refcache verify`) shares only `token_logps`.
 """
 
+import os
+
 import torch
 from torch import nn
 
 from pipeline.packing import plain_lm_head
 
 CHUNK_ELEMENTS = 1 << 24  # logits per row chunk of the head (64 MiB in fp32; 341 rows at vocab 49,152)
+
+# oneDNN levels below AVX512_CORE_BF16: ONEDNN_MAX_CPU_ISA at one of these keeps oneDNN off the bf16 instructions
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def bf16_matmul_native(device) -> bool:
+    """False on a CPU where torch's bf16 matmul has no bf16 instructions (neither AVX512-BF16 nor AMX-BF16),
+    where it is 2-4.5x SLOWER than fp32: oneDNN then converts each tile to fp32 in software, and without AVX-512
+    torch skips oneDNN for a generic loop. SmolLM2's MLP matmul [1536,576]x[576,1536], 1 thread, bf16 vs fp32
+    (fp32 48-58 GFLOP/s): 108-135 natively, 23-25 at ONEDNN_MAX_CPU_ISA=AVX512_CORE, 13 at AVX2, 12 with oneDNN
+    off; a whole SmolLM2 forward: 4.2 s bf16 vs 6.8 s fp32 natively, 26.4 s bf16 at AVX2 (the cliff of issue 9).
+    Non-CPU devices and non-x86 CPUs: True (run bf16 as asked)."""
+    if torch.device(device).type != "cpu":
+        return True
+    caps = torch.cpu.get_capabilities()
+    if caps.get("architecture") not in ("x86_64", "x86"):
+        return True
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and (caps.get("avx512_bf16") or caps.get("amx_bf16")) and isa not in _ONEDNN_BELOW_BF16)
 
 
 def token_logps(logits, targets):

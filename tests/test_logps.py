@@ -80,3 +80,37 @@ def test_stage1_scores_through_the_kernel(smollm2_dir):
     starts = [len(p) for p, _, _ in triples] * 2
     oracle = np.concatenate(scorer.score(seqs, starts))  # chosen 0, 1, then rejected 0, 1: the kernel's order
     assert np.abs(flat - oracle).max() < 1e-4
+
+
+def test_bf16_matmul_native_follows_onednn(monkeypatch):
+    """bf16 counts as native only where oneDNN may use the CPU's bf16 instructions: not when the user caps its ISA
+    below AVX512_CORE_BF16, not with oneDNN off; other devices always (run bf16 as asked)."""
+    from pipeline.logps import bf16_matmul_native
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not bf16_matmul_native("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not bf16_matmul_native("cpu")
+    assert bf16_matmul_native("meta")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not bf16_matmul_native("cpu")
+
+
+def test_hf_bf16_without_bf16_instructions_computes_in_fp32(smollm2_dir, monkeypatch):
+    """On a CPU without bf16 instructions (here: oneDNN capped at AVX2, as on such a CPU) the hf backend keeps the
+    bf16-rounded weights but computes in fp32: fp32 speed instead of the 4x slower bf16 path, recorded as
+    compute_dtype; its numbers are bf16-weight numbers (not the fp32 model's), within bf16 noise of fp32."""
+    from pipeline.backends import HFScorer
+
+    rng = np.random.default_rng(0)
+    triples = [tuple(rng.integers(100, 49000, n).tolist() for n in lens) for lens in ((9, 4, 6), (5, 7, 3))]
+    fp32 = np.concatenate([x for pair in HFScorer(smollm2_dir, "float32").score_pairs(triples) for x in pair])
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    scorer = HFScorer(smollm2_dir, "bfloat16")
+    assert scorer.settings()["compute_dtype"] == "float32"
+    params = list(scorer.model.parameters())
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(torch.equal(p, p.bfloat16().float()) for p in params)  # the weights stay bf16-rounded
+    got = np.concatenate([x for pair in scorer.score_pairs(triples) for x in pair])
+    assert got.dtype == np.float32 and 0 < np.abs(got - fp32).max() < 0.5
