@@ -114,3 +114,16 @@ WHERE ln_ches IS NOT NULL
 WINDOW w AS (PARTITION BY cache ORDER BY ln_ches DESC, pair_id);
 
 CREATE MACRO spearman_se(n) AS CASE WHEN n > 3 THEN sqrt(1.06 / (n - 3)) END;
+
+-- The findings rule's multiple-testing step (effects.sql says why): Holm's step-down correction over each run's
+-- tests at family-wise level `alpha`. `tbl` names a table or CTE with columns run, stat (|z|; null = no test) and
+-- tiebreak (orders equal p-values); adds p_value and above_noise: the k-th smallest of the run's m p-values must
+-- be <= alpha / (m - k + 1), and so must every smaller one.
+CREATE MACRO holm(tbl, alpha) AS TABLE
+SELECT * EXCLUDE (k, m),
+       coalesce(bool_and(coalesce(p_value <= alpha / (m - k + 1), false)) OVER (
+           PARTITION BY run ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW), false) AS above_noise
+FROM (SELECT *, normal_p(stat) AS p_value,
+             row_number() OVER (PARTITION BY run ORDER BY normal_p(stat) NULLS LAST, tiebreak) AS k,
+             count(stat) OVER (PARTITION BY run) AS m
+      FROM query_table(tbl));

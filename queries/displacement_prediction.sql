@@ -92,18 +92,10 @@ stats AS (
                 ELSE wilson_high(hits, picked, $z) END AS ci_high,
            CASE WHEN metric = 'spearman' THEN abs(atanh(greatest(-0.999999, least(estimate, 0.999999))))
                                               / spearman_se(n)
-                ELSE abs(estimate - null_value) / nullif(sqrt(null_value * (1 - null_value) / n), 0) END AS stat
+                ELSE abs(estimate - null_value) / nullif(sqrt(null_value * (1 - null_value) / n), 0) END AS stat,
+           [predictor, metric] AS tiebreak
     FROM tests
-),
-holm AS (
-    SELECT *, normal_p(stat) AS p_value,
-           row_number() OVER (PARTITION BY run ORDER BY normal_p(stat) NULLS LAST, predictor, metric) AS k,
-           count(stat) OVER (PARTITION BY run) AS m
-    FROM stats
 )
-SELECT run, step, predictor, metric,
-       coalesce(bool_and(coalesce(p_value <= $alpha / (m - k + 1), false)) OVER (
-           PARTITION BY run ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW), false) AS above_noise,
-       estimate, ci_low, ci_high, null_value, p_value, n, note
-FROM holm
+SELECT run, step, predictor, metric, above_noise, estimate, ci_low, ci_high, null_value, p_value, n, note
+FROM holm('stats', $alpha)
 ORDER BY run, list_position(['ln_ches', 'rel_edit'], predictor), list_position(['spearman', 'precision_at_top'], metric)

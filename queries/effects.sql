@@ -86,25 +86,18 @@ shares AS (
 tests AS (
     SELECT run, split, step, metric, n, estimate, estimate - $z * se AS ci_low, estimate + $z * se AS ci_high,
            0.0 AS null_value, noise,
-           CASE WHEN abs(estimate) <= noise THEN 0.0 WHEN se = 0 THEN 1e9 ELSE abs(estimate) / se END AS stat
+           CASE WHEN abs(estimate) <= noise THEN 0.0 WHEN se = 0 THEN 1e9 ELSE abs(estimate) / se END AS stat,
+           [metric, split] AS tiebreak
     FROM means
     UNION ALL
     SELECT run, split, step, metric, n, k / nullif(n, 0), wilson_low(k, n, $z), wilson_high(k, n, $z),
            null_value, 0.0,
-           abs(k / nullif(n, 0) - null_value) / nullif(sqrt(null_value * (1 - null_value) / n), 0)
+           abs(k / nullif(n, 0) - null_value) / nullif(sqrt(null_value * (1 - null_value) / n), 0),
+           [metric, split]
     FROM shares
-),
-holm AS (
-    SELECT *, normal_p(stat) AS p_value,
-           row_number() OVER (PARTITION BY run ORDER BY normal_p(stat) NULLS LAST, metric, split) AS k,
-           count(stat) OVER (PARTITION BY run) AS m
-    FROM tests
 )
-SELECT run, split, step, metric,
-       coalesce(bool_and(coalesce(p_value <= $alpha / (m - k + 1), false)) OVER (
-           PARTITION BY run ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW), false) AS above_noise,
-       estimate, ci_low, ci_high, null_value, p_value, noise, n
-FROM holm
+SELECT run, split, step, metric, above_noise, estimate, ci_low, ci_high, null_value, p_value, noise, n
+FROM holm('tests', $alpha)
 ORDER BY run, split,
          list_position(['accuracy', 'margin_mean', 'chosen_drift_mean', 'rejected_drift_mean',
                         'chosen_fell_share', 'near_identical_in_top'], metric)
