@@ -112,15 +112,22 @@ class CompletionLogps(nn.Module):
     def forward(self, input_ids, hidden_index, targets, seq_index, n_rows, position_ids=None, attention_mask=None):
         kw = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
         if self.fused:
-            hidden = (self.decode(**kw) if self.decode is not None
-                      else self.model.get_decoder()(**kw, use_cache=False).last_hidden_state)
-            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
-            weight = self.model.get_output_embeddings().weight
-            auto = torch.is_autocast_enabled(h.device.type)
-            dtype = torch.get_autocast_dtype(h.device.type) if auto else weight.dtype
-            tok = TokenLogp.apply(h, weight, targets, dtype)
+            tok = self.head_logps(self.completion_hidden(hidden_index, **kw), targets)
         else:  # generic path: full logits from the model's own head
             logits = self.model(**kw, use_cache=False).logits
             tok = token_logps(logits.reshape(-1, logits.shape[-1]).index_select(0, hidden_index), targets)
         sums = torch.zeros(n_rows, dtype=torch.float64, device=tok.device).index_add(0, seq_index, tok.double())
         return sums, tok
+
+    def completion_hidden(self, hidden_index, **kw):
+        """Last-layer hidden states (N, H) at the N positions that predict a completion token (fused path)."""
+        hidden = (self.decode(**kw) if self.decode is not None
+                  else self.model.get_decoder()(**kw, use_cache=False).last_hidden_state)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index)
+
+    def head_logps(self, h, targets):
+        """(N,) fp32 log p of `targets` from those hidden states through the LM head (TokenLogp)."""
+        weight = self.model.get_output_embeddings().weight
+        auto = torch.is_autocast_enabled(h.device.type)
+        dtype = torch.get_autocast_dtype(h.device.type) if auto else weight.dtype
+        return TokenLogp.apply(h, weight, targets, dtype)

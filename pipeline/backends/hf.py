@@ -93,8 +93,7 @@ class HFScorer:
             attention_mask = attention_mask.repeat(2, 1, 1, 1)
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=False)
-        self._hidden = out.last_hidden_state[:1] if lone else out.last_hidden_state  # kept for CHES
-        return self._hidden
+        return out.last_hidden_state[:1] if lone else out.last_hidden_state
 
     def score_pairs(self, triples):
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
@@ -123,12 +122,10 @@ class HFScorer:
         from pipeline.packing import pack_pairs
 
         b = {k: v.to(self.device) for k, v in pack_pairs(triples, self.pad_id).items()}
-        _, tok = self._net(b["input_ids"], b["hidden_index"], b["targets"], b["seq_index"], 2 * len(triples),
-                           b["position_ids"], b["attention_mask"])
-        h = self._hidden.reshape(-1, self._hidden.shape[-1]).index_select(0, b["hidden_index"])
+        h = self._net.completion_hidden(b["hidden_index"], input_ids=b["input_ids"], position_ids=b["position_ids"],
+                                        attention_mask=b["attention_mask"])
+        lp = self._net.head_logps(h, b["targets"]).cpu().numpy().astype(np.float32)
         ches, ln_ches = (x.cpu().tolist() for x in ches_scores(h, b["seq_index"], len(triples)))
-        self._hidden = None
-        lp = tok.cpu().numpy().astype(np.float32)
         n_c = sum(len(c) for _, c, _ in triples)
         ends_c = np.cumsum([len(c) for _, c, _ in triples])[:-1]
         ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
