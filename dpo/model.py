@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from pipeline.cache import manifest_path
+from pipeline.cache import content_id, manifest_path
 from refcache import UserError
 
 
@@ -101,26 +101,26 @@ def manifest_model_path(manifest, cache_dir):
     raise UserError(f"model {path} recorded in {manifest_path(cache_dir)} not found here; pass --model DIR")
 
 
-def check_policy(manifest, model_dir, cache_dir, allow_mismatch):
+def check_policy(manifest, model_dir, cache_dir, allow_mismatch) -> str:
     """Refuse a policy whose weights or tokenizer differ from the model the cache was scored with (hashes
-    decide; paths do not: a copied model is the same model)."""
+    decide; paths do not: a copied model is the same model). Returns the policy's sha256 (model_identity)."""
     from pipeline import fingerprint
 
     if not os.path.isdir(model_dir):
         raise UserError(
             f"model directory {model_dir} not found; pass --model with a local Hugging Face model dir"
         )
-    diffs = []
+    diffs, ids = [], {}
     for what, ident in (("model", fingerprint.model_identity), ("tokenizer", fingerprint.tokenizer_identity)):
-        diffs += [
-            f"{what} {k}" for k in fingerprint.identity_diff(manifest.get(what) or {}, ident(model_dir), what)
-        ]
+        ids[what] = ident(model_dir)
+        diffs += [f"{what} {k}" for k in fingerprint.identity_diff(manifest.get(what) or {}, ids[what], what)]
     if diffs and not allow_mismatch:
         raise UserError(
             f"policy {model_dir} does not match the model cache {cache_dir} was scored with "
             f"(differs: {', '.join(diffs)}), so step 0 would not start at the reference; re-run "
             "precompute with this model, or pass --allow-mismatch to train anyway"
         )
+    return ids["model"]["sha256"]
 
 
 def check_caches(train_manifest, eval_manifest, train_dir, eval_dir, allow_mismatch):
@@ -145,11 +145,14 @@ def check_caches(train_manifest, eval_manifest, train_dir, eval_dir, allow_misma
 
 
 def cache_fingerprint(cache_dir, manifest):
+    """What a run records of a cache: where it was (informative) and what it is (content_sha256 decides: see
+    pipeline.cache.content_id), with the manifest's identity fields for the reader."""
     with open(manifest_path(cache_dir), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     keep = ("schema_version", "model", "tokenizer", "tokenization", "backend", "dataset")
     return {
         "path": os.path.abspath(cache_dir),
+        "content_sha256": content_id(manifest),
         "manifest_sha256": digest,
         **{k: manifest.get(k) for k in keep},
     }

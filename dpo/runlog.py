@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def _state(out: str) -> str:
 def checkpoints(out: str) -> list:
     """Complete checkpoints, oldest first: checkpoints/step-NNNNNNNN.pt (one file) or step-NNNNNNNN/ (shards)."""
     found = []
-    for p in glob.glob(os.path.join(out, "checkpoints", "step-*")):
+    for p in glob.glob(os.path.join(glob.escape(out), "checkpoints", "step-*")):
         name = os.path.basename(p)
         if (name.endswith(".pt") and len(name) == 16) or (len(name) == 13 and os.path.isdir(p)):
             found.append((name[5:13], p))
@@ -158,11 +159,30 @@ def _remove_own(out: str):
             os.remove(path)
 
 
+# A path says where a cache or model is today; what it is is recorded beside it and decides on resume, so the
+# same cache through another spelling, a symlink, a copy or another mount resumes (config.json then records
+# the new path).
+IDENTIFIED_BY = {"cache": "cache_fingerprint", "eval_cache": "eval_cache_fingerprint", "model": "model_sha256"}
+
+
+def _same(key: str, old, new) -> bool:
+    """Whether a setting is the same for a resume: caches by their content identity (pipeline.cache.content_id;
+    the manifest file's sha256 for runs that recorded no content id), the --where subset by the pair ids it
+    kept (its counts for runs that recorded no hash), everything else by value."""
+    if key.endswith("cache_fingerprint") and isinstance(old, dict) and isinstance(new, dict):
+        by = "content_sha256" if old.get("content_sha256") else "manifest_sha256"
+        return old.get(by) == new.get(by)
+    if key == "where_pairs" and isinstance(old, dict) and isinstance(new, dict) and "pair_ids_sha256" not in old:
+        new = {k: v for k, v in new.items() if k in old}
+    return _norm(old) == _norm(new)
+
+
 def _changed(old: dict, new: dict) -> list:
     """Settings that differ; a setting an older version did not record ran with today's default."""
     skip = RESUME_FREE | {"run_id", "versions", "kind", "sharded"}
+    skip |= {k for k, by in IDENTIFIED_BY.items() if old.get(by) is not None and new.get(by) is not None}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | {"sharded": False}
-    return [k for k in new if k not in skip and _norm(old.get(k, defaults.get(k))) != _norm(new[k])]
+    return [k for k in new if k not in skip and not _same(k, old.get(k, defaults.get(k)), new[k])]
 
 
 def settings_changed(out: str, cfg: TrainConfig) -> list:
@@ -202,6 +222,21 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
     if ckpt:
         old = read_run_config(out)
         if changed := _changed(old, resolved):
+            # causes first; what follows from them (counts, steps) after
+            changed.sort(key=lambda k: k in ("train_pairs", "eval_pairs", "steps_per_epoch", "total_steps",
+                                             "warmup_steps"))
+            if changed[0] == "where_pairs":  # the same predicate, now keeping other pairs
+                was, now = old.get("where_pairs") or {}, resolved["where_pairs"] or {}
+                raise UserError(f"{out}: --where {resolved.get('where')!r} now keeps other pairs than when the run "
+                                f"started ({was.get('kept')} pairs then, {now.get('kept')} now; their pair ids "
+                                "differ): the predicate depends on something that changed (random(), a column); "
+                                "resume with a predicate that keeps the same pairs or use a new --out")
+            if changed[0] in ("cache_fingerprint", "eval_cache_fingerprint"):
+                flag = "--cache" if changed[0] == "cache_fingerprint" else "--eval-cache"
+                what = resolved.get(changed[0].removesuffix("_fingerprint"))
+                raise UserError(f"{out}: {flag} {what} is not the cache the run started with (its content differs: "
+                                "another model, other data or settings); resume with that cache, through any path "
+                                "to it, or use a new --out")
             k = changed[0]
             raise UserError(f"{out} was started with different settings ({', '.join(changed)}; e.g. {k}: "
                             f"{_short(old.get(k))} then, {_short(resolved[k])} now); resume with the same "
@@ -211,6 +246,9 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
             raise UserError(f"{ckpt} was written by a run under {was}; resume it the same way")
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, "summary.json"))
+        moved = {k: resolved.get(k) for k in (*IDENTIFIED_BY, *IDENTIFIED_BY.values()) if old.get(k) != resolved.get(k)}
+        if moved:  # the same cache or model, now at another path (or an older run's record, completed)
+            _write_json(os.path.join(out, "config.json"), {**old, **moved})
         return old["run_id"], ckpt
     # new, half-created, or a run killed before its first checkpoint: start over, config.json first
     _remove_own(out)
@@ -399,6 +437,26 @@ class RunLog:
             os.replace(tmp, path)
             shutil.rmtree(path + ".old", ignore_errors=True)
 
+    def resume(self, run) -> int:
+        """Restore the newest checkpoint that can be read, and return its step. One a process died while writing
+        (or a copy cut short) is passed over, with a note, for the one before it; none readable is one line."""
+        found, skipped = checkpoints(self.out), []
+        for path in reversed(found):
+            try:
+                step = self.restore(run, path)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch's and DCP's errors for a cut or damaged file
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                skipped.append((path, first.split(". ")[0][:200]))  # torch's first sentence says what failed
+                continue
+            for bad, why in skipped if self.world.master else ():
+                print(f"note: {bad}: cannot be read ({why}); resumed from {os.path.basename(path)} instead",
+                      file=sys.stderr)
+            return step
+        bad, why = skipped[0] if skipped else (self.out, "no checkpoint")
+        raise UserError(f"{bad}: cannot be read ({why}), nor can any earlier checkpoint; start a new --out")
+
     def restore(self, run, path: str) -> int:
         """Load checkpoint `path` into run (weights, optimizer, scheduler, RNG) and these rows; drop the example
         rows written after it. Returns its step."""
@@ -482,7 +540,7 @@ def _truncate_examples(ex_dir, step):
     """Drop example rows with step >= `step` (written after the checkpoint we resume from). Returns the next
     part number."""
     last = -1
-    for path in sorted(glob.glob(os.path.join(ex_dir, "part-*.parquet"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(ex_dir), "part-*.parquet"))):
         steps = pq.read_table(path, columns=["step"]).column("step").to_numpy()
         if len(steps) == 0 or steps.min() >= step:
             os.remove(path)
@@ -491,7 +549,7 @@ def _truncate_examples(ex_dir, step):
             t = pq.read_table(path)
             _write_parquet(t.filter(pa.compute.less(t.column("step"), step)), path)
         last = max(last, int(os.path.basename(path)[5:11]))
-    for tmp in glob.glob(os.path.join(ex_dir, ".*.tmp")):
+    for tmp in glob.glob(os.path.join(glob.escape(ex_dir), ".*.tmp")):
         os.remove(tmp)
     return last + 1
 

@@ -6,6 +6,8 @@ column of `pairs` works: the cache's own (prompt_len, chosen_len, shared_prefix_
 is NULL (a comparison with a null ln_ches, say) is dropped, as SQL's WHERE does. The eval cache is not filtered.
 """
 
+import hashlib
+
 import duckdb
 import numpy as np
 
@@ -39,11 +41,14 @@ def kept_source_indices(cache: str, where: str) -> tuple[np.ndarray, int]:
 
 
 def select(pairs: D.Pairs, where: str) -> tuple[D.Pairs, dict]:
-    """The pairs `where` keeps, in cache order, and the counts the run config records:
-    {cache_pairs, kept, dropped}."""
+    """The pairs `where` keeps, in cache order, and what the run config records of them: {cache_pairs, kept,
+    dropped, pair_ids_sha256}. The hash pins the subset: a resume whose predicate now keeps other pairs (random(),
+    a column that changed) is refused, even with the same count."""
     kept, total = kept_source_indices(pairs.path, where)
     rows = np.flatnonzero(np.isin(pairs.source_index, kept))
     if len(rows) != len(kept) or total != len(pairs):
         raise UserError(f"{pairs.path}: the pairs view and the cache disagree ({len(kept)} kept source indices "
                         f"match {len(rows)} pairs); rebuild the cache with `refcache precompute`")
-    return D.take(pairs, rows), {"cache_pairs": total, "kept": len(rows), "dropped": total - len(rows)}
+    taken = D.take(pairs, rows)
+    ids = hashlib.sha256("\n".join(sorted(taken.pair_id.tolist())).encode()).hexdigest()  # pins the subset
+    return taken, {"cache_pairs": total, "kept": len(rows), "dropped": total - len(rows), "pair_ids_sha256": ids}

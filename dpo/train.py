@@ -41,9 +41,10 @@ from dpo.config import TrainConfig, loss_params, validate
 from dpo.logps import CompletionLogps, batch_logps
 from dpo.model import load_causal_lm, load_policy
 from dpo.runlog import RunLog, Scores, StepResult, open_run_dir
+from pipeline.cache import content_id
 from pipeline.logps import bf16_matmul_native
 from pipeline.packing import takes_custom_mask
-from refcache import UserError
+from refcache import UserError, preempt
 
 __all__ = ["Run", "TrainConfig", "evaluate", "lr_factor", "probe", "setup", "train", "train_step"]
 
@@ -54,22 +55,28 @@ def train(cfg: TrainConfig) -> dict | None:
     with setup(cfg) as run:
         cfg, log = run.cfg, run.log
         bar = _progress_bar(run)
-        for step in range(run.start_step, run.total_steps):
-            if cfg.probe_every and step % cfg.probe_every == 0:
-                log.add_probes(step, *_timed(probe, run))
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                log.add_eval(step, *_timed(evaluate, run))
-            row = log.add_step(step, train_step(run, step), run.train_pairs)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
-                            acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}",
-                            tok_s=f"{row['tokens'] / row['seconds']:,.0f}", refresh=False)
-            bar.update(1)
-            done = step + 1
-            if done < run.total_steps and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                log.checkpoint(run, done)
-            else:
-                log.maybe_flush()
-            time.sleep(run.step_delay)
+        with preempt.at_step_end():  # a SIGTERM ends the step, checkpoints and stops (refcache/preempt.py)
+            for step in range(run.start_step, run.total_steps):
+                if cfg.probe_every and step % cfg.probe_every == 0:
+                    log.add_probes(step, *_timed(probe, run))
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    log.add_eval(step, *_timed(evaluate, run))
+                row = log.add_step(step, train_step(run, step), run.train_pairs)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
+                                acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}",
+                                tok_s=f"{row['tokens'] / row['seconds']:,.0f}", refresh=False)
+                bar.update(1)
+                done = step + 1
+                if preempt.requested(run.world):
+                    bar.close()
+                    log.checkpoint(run, done)
+                    raise preempt.Preempted(f"stopped by SIGTERM after step {done} of {run.total_steps}, "
+                                            f"checkpoint written")
+                if done < run.total_steps and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                    log.checkpoint(run, done)
+                else:
+                    log.maybe_flush()
+                time.sleep(run.step_delay)
         bar.close()
         peak_rss = run.world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # before saving
         shards = run.world.gather(P.local_sizes(run.net, run.opt))
@@ -160,7 +167,7 @@ def setup(cfg: TrainConfig) -> Run:
         if cfg.batch_size % n_micro:
             raise UserError(
                 f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = {n_micro}")
-        train_pairs, eval_pairs, where_pairs = _load_data(cfg, world)
+        train_pairs, eval_pairs, where_pairs, model_sha256 = _load_data(cfg, world)
         steps_per_epoch = len(train_pairs) // cfg.batch_size
         if steps_per_epoch == 0:
             kept = " (kept by --where)" if cfg.where else ""
@@ -170,7 +177,7 @@ def setup(cfg: TrainConfig) -> Run:
         warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
         parallel = P.mode(cfg.parallel, world)
         resolved = _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup)
-        resolved["where_pairs"] = where_pairs
+        resolved.update(where_pairs=where_pairs, model_sha256=model_sha256)
         run_id, ckpt, lock = open_run_dir(cfg.out, resolved, cfg.resume, world)
         log = RunLog(cfg.out, run_id, world, steps_per_epoch, cfg, lock)
 
@@ -188,7 +195,7 @@ def setup(cfg: TrainConfig) -> Run:
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, log=log,
                   step_delay=float(os.environ.get("REFCACHE_STEP_DELAY", "0")))
         if ckpt:
-            run.start_step = log.restore(run, ckpt)
+            run.start_step = log.resume(run)
         log.start_dashboards(cfg.report_to, resolved, run.start_step)
         world.barrier()
         net.train()
@@ -219,8 +226,8 @@ def _models(cfg, world, parallel):
 
 
 def _load_data(cfg, world):
-    """The train (and eval) pairs, checked against the policy and each other, and the --where counts (or None).
-    Fills in cfg.model/ref_model."""
+    """The train (and eval) pairs, checked against the policy and each other, the --where counts (or None) and
+    the policy's sha256. Fills in cfg.model/ref_model."""
     train_pairs, where_pairs = D.load_pairs(cfg.cache), None
     if cfg.where:
         train_pairs, where_pairs = S.select(train_pairs, cfg.where)
@@ -232,10 +239,13 @@ def _load_data(cfg, world):
     cfg.model = cfg.model or M.manifest_model_path(manifest, cfg.cache)
     if cfg.live_ref:
         cfg.ref_model = cfg.ref_model or M.manifest_model_path(manifest, cfg.cache)
-    M.check_policy(manifest, cfg.model, cfg.cache, cfg.allow_mismatch)
+    model_sha256 = M.check_policy(manifest, cfg.model, cfg.cache, cfg.allow_mismatch)
     if eval_pairs is not None:
         M.check_caches(manifest, eval_pairs.manifest, cfg.cache, cfg.eval_cache, cfg.allow_mismatch)
-    return train_pairs, eval_pairs, where_pairs
+        if content_id(eval_pairs.manifest) == content_id(manifest) and world.master:
+            print(f"note: --eval-cache {cfg.eval_cache} is the training cache itself: eval numbers will measure fit "
+                  "to the training pairs, not generalization; give a cache of held-out pairs")
+    return train_pairs, eval_pairs, where_pairs, model_sha256
 
 
 def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup) -> dict:

@@ -26,7 +26,6 @@ use), `load_table(cache_dir, columns=None)`, `rejected_path(cache_dir, manifest)
 DuckDB views all read through these.
 """
 
-import glob
 import hashlib
 import json
 import os
@@ -110,6 +109,49 @@ def remove_temp_files(cache_dir):
         tmp.unlink(missing_ok=True)
 
 
+# What refcache itself puts at the top of a cache directory (besides its own parts); a version-1 cache keeps
+# its bookkeeping there too.
+_OWN_NAME = re.compile(r"__refcache__|\.refcache-lock.*|\..+\.tmp")
+_V1_NAME = re.compile(r"manifest\.json|rejected_rows\.parquet|_sums\.json|_written-\d+-of-\d+\.jsonl|"
+                      r"_shard-\d+-of-\d+\.json")
+
+
+def check_out_dir(out, data=None):
+    """Refuse an --out that precompute must not write into: a file, a folder holding anything refcache did not
+    write there (a user's own part-00000.parquet is not overwritten), or a folder that holds the input or lies
+    inside an input folder (the next read would take the cache's parts for input). New, empty, or one of our
+    caches (finished, partial or interrupted) is fine."""
+    out = Path(out)
+    if data is not None:
+        src, dst = Path(data).resolve(), out.resolve()
+        if src == dst or src.is_relative_to(dst) or (src.is_dir() and dst.is_relative_to(src)):
+            raise UserError(f"--out {out} {'is' if src == dst else 'holds' if src.is_relative_to(dst) else 'is inside'} "
+                            f"the input {data}; write the cache to a directory of its own")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose a new --out")
+    v1 = (read_json(out / MANIFEST) or {}).get("schema_version") == 1 or \
+        any("fingerprint" in (read_json(f) or {}) for f in out.glob("_shard-*-of-*.json"))
+    recorded = None
+    for f in sorted(out.iterdir()):
+        ours = _OWN_NAME.fullmatch(f.name) or (v1 and _V1_NAME.fullmatch(f.name))
+        if not ours and PART_RE.fullmatch(f.name) and f.is_file():  # ours: our metadata, or on our record
+            recorded = recorded_sums(out) if recorded is None else recorded
+            ours = f.name in recorded or _has_our_meta(f)
+        if not ours:
+            raise UserError(f"--out {out} holds files refcache did not write (e.g. {f.name}); precompute writes only "
+                            "into a new or empty directory or one of its own caches: choose a new --out")
+
+
+def _has_our_meta(path: Path) -> bool:
+    """Whether a Parquet file carries refcache's part metadata (a part we wrote, even a damaged one's footer)."""
+    try:
+        return META_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, ValueError, pa.ArrowException):
+        return False
+
+
 def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -138,6 +180,9 @@ def atomic_write(path: Path, write, before_rename=None):
     except OSError as e:
         tmp.unlink(missing_ok=True)  # ours, half written: free its space
         raise with_filename(e, path) from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj):
@@ -428,10 +473,30 @@ def _merge(cache_dir: Path) -> dict:
 # ---------------------------------------------------------------- readers
 
 
+def content_id(manifest: dict) -> str:
+    """A cache's identity by content: its settings fingerprint and every part's sha256. A copy, a move or another
+    mount of the cache keeps it; a rebuild with another model or other data changes it (a rebuild with the same
+    settings writes the same bytes and keeps it). Runs record it and stage 3 checks it, not the path."""
+    parts = [[s.get("file"), s.get("sha256")] for s in manifest.get("shards", []) if isinstance(s, dict)]
+    return hashlib.sha256(json.dumps([manifest.get("fingerprint"), parts]).encode()).hexdigest()
+
+
+def same_cache(recorded: dict | None, manifest: dict, manifest_sha256: str) -> bool | None:
+    """Whether a cache (its manifest, and the sha256 of its manifest file) is the one a run recorded
+    (`cache_fingerprint` in its config.json); None when the run recorded nothing to compare."""
+    if not isinstance(recorded, dict):
+        return None
+    if recorded.get("content_sha256"):
+        return recorded["content_sha256"] == content_id(manifest)
+    if recorded.get("manifest_sha256"):  # runs from before content_sha256: the manifest file itself
+        return recorded["manifest_sha256"] == manifest_sha256
+    return None
+
+
 def read_manifest(cache_dir) -> dict:
     path = manifest_path(cache_dir)
     if not path.exists():
-        if glob.glob(str(Path(cache_dir) / "part-*.parquet")):
+        if any(Path(cache_dir).glob("part-*.parquet")):
             raise UserError(f"{cache_dir}: not a finished refcache cache (no manifest.json; parts exist: finish the "
                             "shards or run `refcache merge`)")
         raise UserError(f"{cache_dir}: not a cache directory (no manifest.json); pass the --out of "

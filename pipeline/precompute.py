@@ -390,6 +390,7 @@ def precompute(*args, **kwargs) -> dict:
     check_arguments({**bound.arguments, **bound.arguments["backend_settings"]})
     out = Path(bound.arguments["out"])
     shard_i, shard_n = parse_shard(bound.arguments["shard"])
+    cache.check_out_dir(out, bound.arguments["data"])  # never into a folder holding what we did not write
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out, "precompute", name=f"shard-{shard_i}-of-{shard_n}"):
         return _precompute(*args, **kwargs)

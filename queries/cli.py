@@ -81,7 +81,8 @@ def add_commands(sub):
                     "example:\n  refcache report runs/b0.1 runs/b0.5 --out report/")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run directories (the --out of `refcache train`)")
     _add_sources(p, runs_positional=True)
-    p.add_argument("--out", default=None, metavar="DIR", help="default: RUN/report (the first RUN)")
+    p.add_argument("--out", default="report", metavar="DIR",
+                   help="where report.html and its PNGs go, relative to the current directory (runs are only read)")
     p.add_argument("--top", type=int, default=None, metavar="N",
                    help="displaced pairs in the table and the findings (default: displacement's limit, "
                         f"{_default_top()})")
@@ -230,7 +231,6 @@ def cmd_report(args):
         raise UserError("give at least one RUN directory (the --out of `refcache train`)")
     if args.top is not None and args.top < 1:
         raise UserError(f"--top {args.top}: give a positive number of pairs")
-    out = args.out or str(Path(args.runs[0]) / "report")
-    path = write_report(args.runs, caches=args.cache or None, out_dir=out, top=args.top)
+    path = write_report(args.runs, caches=args.cache or None, out_dir=args.out, top=args.top)
     print(f"report: {path}")
     return 0

@@ -25,6 +25,7 @@ After the views are made the connection may only read files under the given dire
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 
 from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from pipeline import cache as pcache
+from pipeline.fingerprint import file_sha256
 from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, V2_COLUMNS, contract_schema
 from refcache import UserError
 
@@ -65,6 +67,18 @@ _RUN_FIELDS = {
 
 def _lit(s) -> str:
     return "'" + str(s).replace("'", "''") + "'"
+
+
+def _escape_glob(path) -> str:
+    """`path` as a DuckDB glob pattern that matches only itself: each pattern character ([ ] * ?) in a class
+    of its own ([[] ...)."""
+    return re.sub(r"([\[\]*?])", r"[\1]", str(path))
+
+
+def _files(paths) -> str:
+    """A DuckDB list literal of exact file paths. read_parquet takes every path as a glob pattern, so each is
+    escaped: a run named 'g[12]' reads its own files, never g1's."""
+    return "[" + ", ".join(_lit(_escape_glob(p)) for p in paths) + "]"
 
 
 def _empty_select(schema: pa.Schema, extra: str) -> str:
@@ -148,7 +162,7 @@ def load_run_dir(run) -> dict:
     if not d.is_dir():
         raise UserError(f"{run}: no such run directory (expected the --out of `refcache train`)")
     steps = d / "steps.parquet"
-    examples = sorted((d / "examples").glob("*.parquet"))
+    examples = sorted(f.resolve() for f in (d / "examples").glob("*.parquet"))
     if not steps.exists() and not examples:
         raise UserError(f"{run}: not a run directory (no steps.parquet and no examples/*.parquet); "
                         "pass the --out of `refcache train`")
@@ -176,6 +190,26 @@ def load_cache_dir(cache) -> dict:
             "manifest": manifest}
 
 
+def _check_run_caches(run_info, cache_info):
+    """Refuse to join runs to a cache they did not train on: every attached cache must be, by content
+    (pipeline.cache.same_cache), the train or eval cache of one of the runs that recorded theirs. A cache
+    rebuilt at the same path with another model or other data is caught here, not joined row by row."""
+    recorded = [(r, fp) for r in run_info for fp in (r["config"].get("cache_fingerprint"),
+                                                     r["config"].get("eval_cache_fingerprint")) if fp]
+    if not recorded:
+        return  # no runs, or runs that recorded no cache
+    for c in cache_info:
+        sha = file_sha256(pcache.manifest_path(c["dir"]))
+        if not any(pcache.same_cache(fp, c["manifest"], sha) for _, fp in recorded):
+            mine = [r for r, fp in recorded if isinstance(fp, dict) and fp.get("path")
+                    and Path(fp["path"]).resolve() == c["dir"]]
+            why = (f"the cache at {c['dir']} is not the one {mine[0]['dir'].name} trained on (rebuilt or replaced "
+                   "since: its content differs from what the run's config.json records)" if mine else
+                   f"{c['dir']} is not the cache any of the given runs trained on")
+            raise UserError(f"{why}; its pairs would be joined to the wrong examples. Pass --cache with the "
+                            "cache the run used, or query the cache without the run")
+
+
 def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB with the views above. `caches=None` attaches the caches the runs' configs name."""
     if isinstance(runs, (str, Path)):
@@ -198,8 +232,11 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
         if info["dir"] not in seen:
             seen.add(info["dir"])
             cache_info.append(info)
+    _check_run_caches(run_info, cache_info)
 
     con = duckdb.connect(":memory:")
+    # spill files (large sorts) go to the system's temp folder, not ./.tmp wherever the command runs
+    con.execute(f"SET temp_directory = {_lit(Path(tempfile.gettempdir()) / 'refcache-duckdb')}")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     run_names = _unique_names([r["dir"] for r in run_info])
@@ -214,19 +251,19 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
         return "".join(f"NULL::DOUBLE AS {col}, " for col in V2_COLUMNS)
 
     pairs = [f"SELECT {_lit(n)} AS cache, *, {v1_nulls(c)}chosen_len - rejected_len AS length_diff "
-             f"FROM read_parquet([{', '.join(_lit(f) for f in c['parts'])}])"
+             f"FROM read_parquet({_files(c['parts'])})"
              for n, c in zip(cache_names, cache_info) if c["parts"]]
     empty_pairs = (_empty_select(CACHE_SCHEMA, "cache").replace(" WHERE false", "") +
                    ", NULL::INTEGER AS length_diff WHERE false")
     con.execute(f"CREATE VIEW pairs AS {union(pairs, empty_pairs)}")
-    rejected = [f"SELECT {_lit(n)} AS cache, * FROM read_parquet({_lit(c['rejected'])})"
+    rejected = [f"SELECT {_lit(n)} AS cache, * FROM read_parquet({_files([c['rejected']])})"
                 for n, c in zip(cache_names, cache_info) if c["rejected"]]
     con.execute(f"CREATE VIEW rejected_rows AS {union(rejected, _empty_select(REJECTED_SCHEMA, 'cache'))}")
     _caches_view(con, cache_names, cache_info)
-    steps = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_lit(r['steps'])})"
+    steps = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_files([r['steps']])})"
              for n, r in zip(run_names, run_info) if r["steps"]]
     con.execute(f"CREATE VIEW steps AS {union(steps, _empty_select(STEPS_SCHEMA, 'run'))}")
-    examples = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_lit(r['dir'] / 'examples' / '*.parquet')})"
+    examples = [f"SELECT {_lit(n)} AS run, * FROM read_parquet({_files(r['examples'])})"
                 for n, r in zip(run_names, run_info) if r["examples"]]
     con.execute(f"CREATE VIEW examples AS {union(examples, _empty_select(EXAMPLES_SCHEMA, 'run'))}")
 
@@ -271,6 +308,7 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
 
     # From here on the connection reads only these directories and cannot be reconfigured.
     dirs = [str(r["dir"]) + "/" for r in run_info] + [str(c["dir"]) + "/" for c in cache_info]
+    dirs += [_escape_glob(d) for d in dirs if _escape_glob(d) != d]  # as the views name their files (_files)
     if dirs:
         con.execute(f"SET allowed_directories = [{', '.join(_lit(d) for d in dirs)}]")
     con.execute("SET enable_external_access = false")

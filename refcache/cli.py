@@ -10,7 +10,7 @@ import argparse
 import errno
 import sys
 
-from refcache import UserError, __version__
+from refcache import UserError, __version__, preempt
 
 DESCRIPTION = """Offline reference log-probs for DPO: score pairs once with the reference model (precompute),
 train DPO-family losses from that cache many times (train, sweep), and diagnose caches and runs with
@@ -57,11 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    preempt.install()  # SIGTERM (a scheduler's time limit or eviction) stops like Ctrl-C
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"refcache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except preempt.Preempted as e:
+        print(f"refcache {args.command}: {e}; what was written is kept: re-run the same command"
+              f"{' with --resume' if args.command in ('train',) else ''} to continue", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print(f"refcache {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130

@@ -22,7 +22,9 @@ def _direct(model, prompt, chosen, rejected):
     hp, hn = hs(chosen), hs(rejected)
     assert hp.shape[0] == len(chosen) and hn.shape[0] == len(rejected)
     sp, sn, mp, mn = hp.sum(0), hn.sum(0), hp.mean(0), hn.mean(0)
-    scale = (sp @ sp).item(), (mp @ mp).item()  # the size of the terms that cancel: tolerance is relative to it
+    # the size of the two dot products that cancel (|a||b| bounds a dot product's rounding): tolerance is
+    # relative to it, as fp32 kernels of another CPU round differently
+    scale = tuple((a.norm() * (a.norm() + b.norm())).item() for a, b in ((sp, sn), (mp, mn)))
     return (sp @ sn - sp @ sp).item(), (mp @ mn - mp @ mp).item(), scale
 
 

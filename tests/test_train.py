@@ -362,10 +362,16 @@ def test_grad_accum_lora_bf16_checkpointing(tmp_path, caches):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(lora["final_model"])
-    # bf16 autocast: close to ln 2 (the cache is fp32), not exact
+    # bf16 autocast: close to ln 2 (the cache is fp32), not exact; on a CPU without bf16 instructions it
+    # computes in fp32 (pipeline.logps.bf16_matmul_native), so exactly the fp32 run
+    from pipeline.logps import bf16_matmul_native
+
     bf = train(TrainConfig(out=str(tmp_path / "bf16"), **base, dtype="bfloat16"))
     assert abs(bf["first_loss"] - math.log(2)) < 0.05
-    assert ref["final_loss"] != bf["final_loss"]
+    if bf16_matmul_native(torch.device("cpu")):
+        assert ref["final_loss"] != bf["final_loss"]
+    else:
+        assert ref["final_loss"] == bf["final_loss"]
 
 
 

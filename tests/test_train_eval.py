@@ -25,7 +25,10 @@ def test_eval_pass_scores_the_whole_eval_cache(tmp_path, train_cache, eval_cache
     assert s["eval"]["loss"] == ev[-1]["loss"]
     # at step 0 the policy is the reference: ln 2, zero rewards, log-probs equal to the cache's
     assert abs(ev[0]["loss"] - math.log(2)) < 1e-5 and abs(ev[0]["reward_margin"]) < 1e-6
-    assert ev[0]["reward_accuracy"] == 0.0
+    # every pair's margin is 0 up to float noise (the cache was scored in other batches than the eval pass, so its
+    # last bits may differ: a margin of +1e-9 counts as "accurate", hence no exact accuracy of 0 here)
+    ex0 = pq.read_table(os.path.join(out, "examples")).to_pandas()
+    assert np.abs(ex0[(ex0.step == 0) & (ex0.split == "eval")].margin).max() < 1e-5
     assert abs(ev[0]["policy_chosen_logp"] - ev[0]["ref_chosen_logp"]) < 1e-4
     assert ev[-1]["loss"] != ev[0]["loss"]  # and it moves with training
     # the probe subset holds every eval pair (probe_size >= 64): its per-pair rows average to the eval row

@@ -2,6 +2,7 @@
 input's own columns included), recorded in the run config, refused on resume when it changes; one-line errors
 for a predicate DuckDB cannot run or one that keeps nothing. `refcache sweep` takes it too."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_where_trains_exactly_the_kept_pairs(tmp_path, capsys, train_cache):
     assert set(ex[(ex.source == "probe") & (ex.split == "train")].pair_id) <= kept  # probes from the kept pairs
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["where"] == where and cfg["train_pairs"] == len(kept)
-    assert cfg["where_pairs"] == {"cache_pairs": total, "kept": len(kept), "dropped": total - len(kept)}
+    assert cfg["where_pairs"] == {"cache_pairs": total, "kept": len(kept), "dropped": total - len(kept),
+                                  "pair_ids_sha256": hashlib.sha256("\n".join(sorted(kept)).encode()).hexdigest()}
 
     # a resume with another predicate is refused like any other changed setting
     err = _one_line_error(capsys, ["train", "--cache", cache, "--out", str(out), "--where", "true", "--resume",
