@@ -11,95 +11,113 @@ import os
 from dataclasses import dataclass
 
 from dpo import limits
-from dpo import losses as L
+from dpo.dashboards import REPORT_TO
+from dpo.losses import LOSSES, PARAMS, check_params, param_help
+from dpo.losses import loss_params as loss_defaults
 from refcache import UserError
 
 
+def setting(default=None, help="", *, range=None, flag=True, **argparse_kw):
+    """A TrainConfig field with everything said about it once: its default, its help text (the command line's),
+    its allowed range (dpo/limits.py notation; checked by `validate`), and how it is a flag (dpo/cli.py makes
+    them): `flag=False` for none, a string for another spelling than --field-name (e.g. "--no-share-prompt"),
+    plus argparse keywords (action, metavar, required, nargs; `cli_default` where the flag's default is spelled
+    otherwise, `group` for flags that exclude each other)."""
+    return dataclasses.field(default=default, metadata={"help": help, "range": range, "flag": flag,
+                                                        "argparse": argparse_kw})
+
+
 def _with_loss_params(cls):
-    """Add one `float | None = None` field per loss parameter in dpo.losses.PARAMS, then make `cls` a
-    dataclass."""
-    for name in L.PARAMS:
+    """Add one `float | None` field per loss parameter in dpo.losses.PARAMS (help and range from that table),
+    then make `cls` a dataclass."""
+    for name in PARAMS:
         cls.__annotations__[name] = float | None
-        setattr(cls, name, None)
+        setattr(cls, name, setting(None, param_help(name)))
     return dataclass(cls)
 
 
-@_with_loss_params
-class TrainConfig:
-    """Plain values; `None` means "derive it" (documented per field). Loss parameters: see the module doc."""
-
-    cache: str  # stage-1 cache directory with the training pairs
-    out: str  # run directory (created; must be new unless resume=True)
-    eval_cache: str | None = None  # stage-1 cache with eval pairs: probes (split='eval') and the eval pass
-    where: str | None = None  # SQL predicate over the cache's `pairs` view: train on the pairs it keeps (dpo/subset.py)
-    model: str | None = None  # policy initialisation (HF dir); None = the model recorded in the cache manifest
-    loss: str = "sigmoid"  # a name in dpo.losses.LOSSES
-    steps: int | None = None  # optimizer steps; None = from epochs
-    epochs: float | None = None  # passes over the training pairs (default 1 when steps is None)
-    batch_size: int = 8  # pairs per optimizer step, across all processes
-    grad_accum: int = 1  # micro-batches per process per step
-    max_tokens: int = 2048  # padded tokens per forward pass; longer micro-batches are cut (0 = no limit)
-    share_prompt: bool = True  # one row [prompt, chosen, rejected] per pair: the prompt runs once
-    lr: float = 1e-6  # peak learning rate (AdamW)
-    warmup: float = 0.0  # warmup steps (>= 1) or fraction of total steps (< 1)
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak (cosine/linear)
-    weight_decay: float = 0.0
-    adam_betas: tuple = (0.9, 0.999)
-    max_grad_norm: float = 1.0  # clip to this global norm; 0 = no clipping (norm still logged)
-    seed: int = 0  # data order, probe subset, LoRA init
-    dtype: str = "float32"  # float32 | bfloat16 (autocast, or FSDP mixed precision; master weights stay fp32)
-    device: str = "auto"  # auto | cpu | cuda
-    parallel: str = "auto"  # auto (ddp when several processes) | ddp | fsdp (FSDP2, sharded; also 1 process)
-    grad_checkpointing: bool = False
-    lora: int = 0  # LoRA rank (0 = full fine-tuning); needs peft
-    lora_alpha: float = 16.0
-    live_ref: bool = False  # load the reference model and score it live instead of reading the cache
-    ref_model: str | None = None  # reference for live_ref; None = the model recorded in the cache manifest
-    probe_every: int = 10  # score the probe pairs every K steps (0 = only at the end)
-    probe_size: int = 32  # probe pairs per split (train, eval); 0 = no probes
-    eval_every: int = 0  # score the whole eval cache every N steps and at the end (0 = never)
-    checkpoint_every: int = 100  # checkpoint every K steps (0 = only at the end)
-    keep_checkpoints: int = 2
-    flush_seconds: float = 30.0  # write logs at least this often (and at every checkpoint)
-    allow_mismatch: bool = False  # train even if the cache was not made with this policy/tokenizer
-    resume: bool = False  # continue from the latest checkpoint in `out` (fresh start if there is none)
-    save_final: bool = True  # write out/final/ in Hugging Face format
-    threads: int | None = None  # torch CPU threads (None = torch's default)
-    progress: bool = True  # tqdm progress bar (rank 0)
-    report_to: tuple = ()  # dashboards written beside the Parquet logs: "tensorboard", "wandb" (dpo/dashboards.py)
-
-
-# Allowed values of the numeric fields (dpo/limits.py notation). Integer fields must also be integers.
-LIMITS = {
-    "steps": "[1, inf)",
-    "epochs": "(0, inf)",
-    "batch_size": "[1, inf)",
-    "grad_accum": "[1, inf)",
-    "max_tokens": "[0, inf)",
-    "lr": "[0, inf)",
-    "warmup": "[0, inf)",
-    "min_lr_ratio": "[0, 1]",
-    "weight_decay": "[0, inf)",
-    "max_grad_norm": "[0, inf)",
-    "seed": "[0, inf)",
-    "lora": "[0, inf)",
-    "lora_alpha": "(0, inf)",
-    "probe_every": "[0, inf)",
-    "probe_size": "[0, inf)",
-    "eval_every": "[0, inf)",
-    "checkpoint_every": "[0, inf)",
-    "keep_checkpoints": "[1, inf)",
-    "flush_seconds": "[0, inf)",
-    "threads": "[1, inf)",
-}
 CHOICES = {
-    "loss": tuple(L.LOSSES),
+    "loss": tuple(LOSSES),
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32", "bfloat16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel": ("auto", "ddp", "fsdp"),
 }
+
+
+@_with_loss_params
+class TrainConfig:
+    """Plain values; `None` means "derive it" (said per field). Loss parameters: see the module doc."""
+
+    cache: str = setting(dataclasses.MISSING, "stage-1 cache directory (training pairs)", required=True)
+    out: str = setting(dataclasses.MISSING, "run directory (new, or existing with --resume)", flag=False)
+    eval_cache: str | None = setting(None, "stage-1 cache of eval pairs: probes, and the eval pass of --eval-every")
+    where: str | None = setting(
+        None, "train only on the pairs this SQL predicate over the `pairs` view keeps, e.g. \"ln_ches < 0.5\" or "
+        "\"category = 'math'\" (any column of `refcache sql \"DESCRIBE pairs\" --cache CACHE`; a NULL result drops "
+        "the pair; the eval cache is not filtered)", metavar="SQL")
+    model: str | None = setting(None, "policy to start from (default: the model the cache was scored with)")
+    loss: str = setting("sigmoid", f"one of: {', '.join(LOSSES)}")
+    steps: int | None = setting(None, "optimizer steps (default: from --epochs)", range="[1, inf)",
+                                group="length")
+    epochs: float | None = setting(None, "passes over the training pairs (default: 1 unless --steps)",
+                                   range="(0, inf)", group="length")
+    batch_size: int = setting(8, "pairs per optimizer step, over all processes", range="[1, inf)")
+    grad_accum: int = setting(1, "micro-batches per process per step", range="[1, inf)")
+    max_tokens: int = setting(2048, "padded tokens per forward pass: longer micro-batches run in pieces, same "
+                              "gradient (0 = no limit)", range="[0, inf)")
+    share_prompt: bool = setting(True, "run the prompt twice (rows prompt+chosen, prompt+rejected) instead of once "
+                                 "per pair", flag="--no-share-prompt", action="store_false")
+    lr: float = setting(1e-6, "peak learning rate", range="[0, inf)")
+    warmup: float = setting(0.0, "warmup steps, or a fraction of all steps if < 1", range="[0, inf)")
+    schedule: str = setting("cosine", "lr decay after warmup")
+    min_lr_ratio: float = setting(0.0, "final lr as a fraction of the peak", range="[0, 1]")
+    weight_decay: float = setting(0.0, "AdamW weight decay", range="[0, inf)")
+    adam_betas: tuple = setting((0.9, 0.999), "AdamW betas, each in [0, 1)", flag=False)
+    max_grad_norm: float = setting(1.0, "clip the global grad norm (0 = off)", range="[0, inf)")
+    seed: int = setting(0, "data order, probe subset, LoRA init", range="[0, inf)")
+    dtype: str = setting("float32", "compute dtype (bfloat16: autocast, or FSDP mixed precision; master weights "
+                         "stay fp32)")
+    device: str = setting("auto", "auto: cuda when there is a GPU")
+    parallel: str = setting("auto", "several processes (torchrun): ddp replicates the model on each, fsdp shards "
+                            "weights, gradients and optimizer state over them (FSDP2); auto = ddp")
+    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory)", action="store_true")
+    lora: int = setting(0, "train LoRA adapters of this rank (needs peft; 0 = full fine-tuning)", range="[0, inf)",
+                        metavar="RANK")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator", range="(0, inf)")
+    live_ref: bool = setting(False, "load the reference model and score it live (for comparison)",
+                             action="store_true")
+    ref_model: str | None = setting(None, "reference model for --live-ref (default: the cache's model)")
+    probe_every: int = setting(10, "score the probe pairs every K steps (0 = at the end only)", range="[0, inf)",
+                               metavar="K")
+    probe_size: int = setting(32, "probe pairs per split (all of them when a split has fewer)", range="[0, inf)",
+                              metavar="N")
+    eval_every: int = setting(0, "score the whole --eval-cache every N steps and at the end, into evals.parquet "
+                              "(0 = never)", range="[0, inf)", metavar="N")
+    checkpoint_every: int = setting(100, "checkpoint every K steps (0 = only at the end)", range="[0, inf)",
+                                    metavar="K")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept", range="[1, inf)", metavar="N")
+    flush_seconds: float = setting(30.0, "write logs at least this often (and at every checkpoint)",
+                                   range="[0, inf)", flag=False)
+    report_to: tuple = setting(
+        (), "also write the curves (TRL's names: train/loss, train/rewards/chosen, eval/loss, ...) to "
+        f"{', '.join(REPORT_TO)} or none; several allowed. tensorboard: OUT/tensorboard/ (pip install "
+        "'refcache[tensorboard]'); wandb: OUT/wandb/, offline unless logged in (pip install 'refcache[wandb]')",
+        nargs="+", metavar="NAME", cli_default="none")
+    allow_mismatch: bool = setting(False, "train even if the cache was scored with another model",
+                                   action="store_true")
+    resume: bool = setting(False, "continue the run in --out from its latest checkpoint", action="store_true")
+    save_final: bool = setting(True, "write out/final/ in Hugging Face format", flag=False)
+    threads: int | None = setting(None, "torch CPU threads (default: torch's)", range="[1, inf)")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", action="store_false")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Allowed values of the numeric fields (dpo/limits.py notation), from the declarations. Integer fields must also
+# be integers.
+LIMITS = {name: f.metadata["range"] for name, f in FIELDS.items() if f.metadata.get("range")}
+# Fields `refcache sweep` takes as comma lists, in the order run names list them (dpo/sweep.py)
+SWEEP_FIELDS = ("loss", *PARAMS, "lr", "seed", "batch_size", "warmup")
 PATHS = ("cache", "out", "eval_cache", "model", "ref_model")
 
 # Fields that may differ between a run and its resumption (how it runs, not what it computes).
@@ -109,6 +127,12 @@ RESUME_FREE = {"resume", "progress", "out", "flush_seconds", "threads", "keep_ch
 
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def scalar_type(name: str):
+    """int, float or str: the type of field `name` without None (its flag's argparse type)."""
+    t = FIELDS[name].type
+    return next((k for k in (int, float) if t in (k, k | None)), str)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -136,9 +160,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     betas = tuple(cfg.adam_betas)
     if len(betas) != 2 or not all(limits.within(b, "[0, 1)") for b in betas):
         raise UserError(f"adam_betas must be two numbers in [0, 1) (got {cfg.adam_betas!r})")
-    if problem := L.check_params(cfg.loss, loss_params(cfg)):
+    if problem := check_params(cfg.loss, loss_params(cfg)):
         raise UserError(problem)
-    for k in L.PARAMS:  # the ones this loss does not take: finite all the same
+    for k in PARAMS:  # the ones this loss does not take: finite all the same
         v = getattr(cfg, k)
         if v is not None and not limits.within(v, "(-inf, inf)"):
             raise UserError(f"{flag(k)} must be a finite number (got {v!r})")
@@ -170,4 +194,4 @@ def report_to(value) -> tuple:
 
 def loss_params(cfg: TrainConfig) -> dict:
     """The parameters of cfg.loss: its defaults, overridden by the fields that are set."""
-    return L.loss_params(cfg.loss, {k: getattr(cfg, k) for k in L.PARAMS})
+    return loss_defaults(cfg.loss, {k: getattr(cfg, k) for k in PARAMS})

@@ -56,12 +56,6 @@ class Pairs:
         """Length of the one row prompt + chosen + rejected that a pair takes with a shared prompt."""
         return self.prompt_len + self.chosen_len + self.rejected_len
 
-    @property
-    def max_token_id(self) -> int:
-        return int(
-            max((v.max() if len(v) else 0) for v in (self.prompt[0], self.chosen[0], self.rejected[0]))
-        )
-
 
 def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     arr = col.combine_chunks()

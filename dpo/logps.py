@@ -6,9 +6,9 @@ is :mod:`pipeline.logps`, the same code stage 1 fills the cache with; this modul
 
 import torch
 
-from pipeline.logps import CompletionLogps, TokenLogp
+from pipeline.logps import CompletionLogps
 
-__all__ = ["CompletionLogps", "TokenLogp", "batch_logps"]
+__all__ = ["CompletionLogps", "batch_logps"]
 
 
 def batch_logps(net, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

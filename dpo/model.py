@@ -59,7 +59,7 @@ def load_policy(cfg):
     return model
 
 
-def save_final(model, source_dir, out_dir):
+def write_hf_model(model, source_dir, out_dir):
     """The trained policy in Hugging Face format (merged if LoRA) plus the tokenizer files, atomically."""
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

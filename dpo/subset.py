@@ -11,7 +11,7 @@ import hashlib
 import duckdb
 import numpy as np
 
-from dpo import data as D
+from dpo.data import Pairs, take
 from refcache import UserError
 
 
@@ -40,7 +40,7 @@ def kept_source_indices(cache: str, where: str) -> tuple[np.ndarray, int]:
     return kept, total
 
 
-def select(pairs: D.Pairs, where: str) -> tuple[D.Pairs, dict]:
+def select(pairs: Pairs, where: str) -> tuple[Pairs, dict]:
     """The pairs `where` keeps, in cache order, and what the run config records of them: {cache_pairs, kept,
     dropped, pair_ids_sha256}. The hash pins the subset: a resume whose predicate now keeps other pairs (random(),
     a column that changed) is refused, even with the same count."""
@@ -49,6 +49,6 @@ def select(pairs: D.Pairs, where: str) -> tuple[D.Pairs, dict]:
     if len(rows) != len(kept) or total != len(pairs):
         raise UserError(f"{pairs.path}: the pairs view and the cache disagree ({len(kept)} kept source indices "
                         f"match {len(rows)} pairs); rebuild the cache with `refcache precompute`")
-    taken = D.take(pairs, rows)
+    taken = take(pairs, rows)
     ids = hashlib.sha256("\n".join(sorted(taken.pair_id.tolist())).encode()).hexdigest()  # pins the subset
     return taken, {"cache_pairs": total, "kept": len(rows), "dropped": total - len(rows), "pair_ids_sha256": ids}

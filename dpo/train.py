@@ -32,21 +32,32 @@ import torch
 from tqdm.auto import tqdm
 
 import refcache
-from dpo import data as D
-from dpo import losses as L
-from dpo import model as M
-from dpo import parallel as P
-from dpo import subset as S
 from dpo.config import TrainConfig, loss_params, validate
-from dpo.logps import CompletionLogps, batch_logps
-from dpo.model import load_causal_lm, load_policy
-from dpo.runlog import RunLog, Scores, StepResult, open_run_dir
+from dpo.data import Pairs, epoch_batches, load_pairs, probe_subset
+from dpo.logps import CompletionLogps
+from dpo.model import (
+    cache_fingerprint,
+    check_caches,
+    check_policy,
+    load_causal_lm,
+    load_policy,
+    manifest_model_path,
+    write_hf_model,
+)
+from dpo.parallel import World, full_state, local_sizes, shard, wrap
+from dpo.parallel import mode as parallel_mode
+from dpo.parallel import start as start_processes
+from dpo.rundir import open_run_dir
+from dpo.runlog import RunLog
+from dpo.step import Scores, StepResult, evaluate, probe, score, train_step
+from dpo.subset import select as select_where
 from pipeline.cache import content_id
 from pipeline.logps import bf16_matmul_native
 from pipeline.packing import takes_custom_mask
 from refcache import UserError, preempt
 
-__all__ = ["Run", "TrainConfig", "evaluate", "lr_factor", "probe", "setup", "train", "train_step"]
+__all__ = ["Run", "Scores", "StepResult", "TrainConfig", "evaluate", "lr_factor", "probe", "score", "setup", "train",
+           "train_step"]
 
 
 def train(cfg: TrainConfig) -> dict | None:
@@ -79,7 +90,7 @@ def train(cfg: TrainConfig) -> dict | None:
                 time.sleep(run.step_delay)
         bar.close()
         peak_rss = run.world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # before saving
-        shards = run.world.gather(P.local_sizes(run.net, run.opt))
+        shards = run.world.gather(local_sizes(run.net, run.opt))
 
         # the end: final probe and eval pass, checkpoint, model, summary
         log.add_probes(run.total_steps, *_timed(probe, run))
@@ -87,7 +98,7 @@ def train(cfg: TrainConfig) -> dict | None:
             log.add_eval(run.total_steps, *_timed(evaluate, run))
         log.checkpoint(run, run.total_steps)
         if cfg.save_final:
-            save_final(run)
+            _save_final(run)
         summary = log.finish(run, time.perf_counter() - t_start, peak_rss, shards)
         run.world.barrier()
         return summary if run.world.master else None
@@ -102,16 +113,18 @@ class Run:
     lock and the process group."""
 
     cfg: TrainConfig  # validated, with model/device resolved
-    world: P.World
+    world: World
     parallel: str  # none | ddp | fsdp
-    model: torch.nn.Module  # the Hugging Face policy (maybe LoRA-wrapped)
-    net: torch.nn.Module  # CompletionLogps(model); sharded in place under FSDP
-    train_net: torch.nn.Module  # what the training forward runs through: net, or DDP(net)
+    # The policy has two handles: `net` (CompletionLogps over the Hugging Face model, maybe LoRA-wrapped; sharded
+    # in place under FSDP) is what is scored, optimized and checkpointed; `train_net` is what the training
+    # forward runs through: `net` itself, or DDP(net) whose backward all-reduces the gradients.
+    net: torch.nn.Module
+    train_net: torch.nn.Module
     ref_net: torch.nn.Module | None  # the live reference (live_ref), else None: the cache has its log-probs
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    train_pairs: D.Pairs
-    eval_pairs: D.Pairs | None
+    train_pairs: Pairs
+    eval_pairs: Pairs | None
     probes: list  # [(split, pairs, row indices)] scored every probe_every steps
     loss_params: dict
     share_prompt: bool  # one row [prompt, chosen, rejected] per pair
@@ -123,14 +136,19 @@ class Run:
     _epoch: dict = field(default_factory=dict)
 
     @property
+    def policy(self) -> torch.nn.Module:
+        """The Hugging Face policy (maybe LoRA-wrapped) inside `net`: its weights are what training changes."""
+        return self.net.model
+
+    @property
     def sharded(self) -> bool:
         return self.parallel == "fsdp"
 
     @property
     def autocast(self):
         """bf16 autocast, except under FSDP, whose mixed-precision policy casts the weights instead, and on a CPU
-        without bf16 instructions, where bf16 matmuls are the slow path (pipeline/logps.py bf16_matmul_native:
-        SmolLM2 forward + backward at ONEDNN_MAX_CPU_ISA=AVX2: 151 s in bf16, 12.4 s in fp32): it trains in fp32."""
+        without bf16 instructions, where bf16 matmuls are the slow path (pipeline.logps.bf16_matmul_native; the
+        figures are in BENCHMARKS.md, "SmolLM2: the bf16 cliff"): there it trains in fp32."""
         on = self.cfg.dtype == "bfloat16" and not self.sharded and bf16_matmul_native(self.world.device)
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=on)
 
@@ -138,7 +156,7 @@ class Run:
         """Row indices of the batch of optimizer step `step` (a pure function of seed, epoch and step)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch not in self._epoch:
-            self._epoch = {epoch: D.epoch_batches(self.train_pairs.seq_len, self.cfg.batch_size, self.cfg.seed, epoch)}
+            self._epoch = {epoch: epoch_batches(self.train_pairs.seq_len, self.cfg.batch_size, self.cfg.seed, epoch)}
         return self._epoch[epoch][k]
 
     def close(self):
@@ -159,7 +177,7 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world = P.start(cfg.device, cfg.parallel)
+    world = start_processes(cfg.device, cfg.parallel)
     cfg.device = world.device.type
     log = None
     try:
@@ -175,21 +193,21 @@ def setup(cfg: TrainConfig) -> Run:
                             f"{cfg.batch_size}; pass --batch-size {len(train_pairs)} or less")
         total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
         warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
-        parallel = P.mode(cfg.parallel, world)
+        parallel = parallel_mode(cfg.parallel, world)
         resolved = _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup)
         resolved.update(where_pairs=where_pairs, model_sha256=model_sha256)
         run_id, ckpt, lock = open_run_dir(cfg.out, resolved, cfg.resume, world)
         log = RunLog(cfg.out, run_id, world, steps_per_epoch, cfg, lock)
 
-        model, net, train_net, ref_net, share = _models(cfg, world, parallel)
-        # fused AdamW: one kernel over all parameters (3x faster than foreach on a 30M model on CPU)
+        net, train_net, ref_net, share = _models(cfg, world, parallel)
+        # fused AdamW: one kernel over all parameters instead of one per tensor
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
                                 betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
-        probes = [(split, pairs, D.probe_subset(len(pairs), cfg.probe_size, cfg.seed))
+        probes = [(split, pairs, probe_subset(len(pairs), cfg.probe_size, cfg.seed))
                   for split, pairs in (("train", train_pairs), ("eval", eval_pairs)) if pairs is not None]
-        run = Run(cfg=cfg, world=world, parallel=parallel, model=model, net=net, train_net=train_net,
+        run = Run(cfg=cfg, world=world, parallel=parallel, net=net, train_net=train_net,
                   ref_net=ref_net, opt=opt, sched=sched, train_pairs=train_pairs, eval_pairs=eval_pairs,
                   probes=[p for p in probes if len(p[2])], loss_params=resolved["loss_params"], share_prompt=share,
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, log=log,
@@ -208,7 +226,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _models(cfg, world, parallel):
-    """The policy (model, CompletionLogps net, the module training runs through) and the live reference (or
+    """The policy (its CompletionLogps net, and the module training runs through) and the live reference (or
     None); whether pairs run as one shared-prompt row."""
     torch.manual_seed(cfg.seed)
     model = load_policy(cfg)
@@ -216,32 +234,32 @@ def _models(cfg, world, parallel):
     ref_net = CompletionLogps(load_causal_lm(cfg.ref_model)).eval().requires_grad_(False) if cfg.live_ref else None
     share = cfg.share_prompt and takes_custom_mask(model) and (ref_net is None or takes_custom_mask(ref_net.model))
     if cfg.dtype == "bfloat16" and parallel != "fsdp" and not bf16_matmul_native(world.device) and world.master:
-        print("note: this CPU has no bf16 instructions (bf16 matmuls run 2-12x slower than fp32); computing in fp32")
+        print("note: this CPU has no bf16 instructions (bf16 matmuls run 2-4.5x slower than fp32); computing in fp32")
     if cfg.share_prompt and not share and world.master:
         print("note: this attention implementation takes no custom mask; prompts run once per completion")
-    train_net = P.wrap(net, model, world, parallel, cfg.dtype)
+    train_net = wrap(net, model, world, parallel, cfg.dtype)
     if ref_net is not None:  # no gradients, so no DDP; under FSDP sharded like the policy
-        ref_net = P.shard(ref_net, ref_net.model, world, cfg.dtype) if parallel == "fsdp" else ref_net.to(world.device)
-    return model, net, train_net, ref_net, share
+        ref_net = shard(ref_net, ref_net.model, world, cfg.dtype) if parallel == "fsdp" else ref_net.to(world.device)
+    return net, train_net, ref_net, share
 
 
 def _load_data(cfg, world):
     """The train (and eval) pairs, checked against the policy and each other, the --where counts (or None) and
     the policy's sha256. Fills in cfg.model/ref_model."""
-    train_pairs, where_pairs = D.load_pairs(cfg.cache), None
+    train_pairs, where_pairs = load_pairs(cfg.cache), None
     if cfg.where:
-        train_pairs, where_pairs = S.select(train_pairs, cfg.where)
+        train_pairs, where_pairs = select_where(train_pairs, cfg.where)
         if world.master:
             print(f"--where {cfg.where!r}: training on {where_pairs['kept']:,} of {where_pairs['cache_pairs']:,} "
                   f"pairs ({where_pairs['dropped']:,} dropped)")
-    eval_pairs = D.load_pairs(cfg.eval_cache) if cfg.eval_cache else None
+    eval_pairs = load_pairs(cfg.eval_cache) if cfg.eval_cache else None
     manifest = train_pairs.manifest
-    cfg.model = cfg.model or M.manifest_model_path(manifest, cfg.cache)
+    cfg.model = cfg.model or manifest_model_path(manifest, cfg.cache)
     if cfg.live_ref:
-        cfg.ref_model = cfg.ref_model or M.manifest_model_path(manifest, cfg.cache)
-    model_sha256 = M.check_policy(manifest, cfg.model, cfg.cache, cfg.allow_mismatch)
+        cfg.ref_model = cfg.ref_model or manifest_model_path(manifest, cfg.cache)
+    model_sha256 = check_policy(manifest, cfg.model, cfg.cache, cfg.allow_mismatch)
     if eval_pairs is not None:
-        M.check_caches(manifest, eval_pairs.manifest, cfg.cache, cfg.eval_cache, cfg.allow_mismatch)
+        check_caches(manifest, eval_pairs.manifest, cfg.cache, cfg.eval_cache, cfg.allow_mismatch)
         if content_id(eval_pairs.manifest) == content_id(manifest) and world.master:
             print(f"note: --eval-cache {cfg.eval_cache} is the training cache itself: eval numbers will measure fit "
                   "to the training pairs, not generalization; give a cache of held-out pairs")
@@ -261,105 +279,14 @@ def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_
         "micro_batch_size": cfg.batch_size // (world.size * cfg.grad_accum),
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs) if eval_pairs is not None else 0,
-        "cache_fingerprint": M.cache_fingerprint(cfg.cache, train_pairs.manifest),
-        "eval_cache_fingerprint": M.cache_fingerprint(cfg.eval_cache, eval_pairs.manifest) if eval_pairs else None,
+        "cache_fingerprint": cache_fingerprint(cfg.cache, train_pairs.manifest),
+        "eval_cache_fingerprint": cache_fingerprint(cfg.eval_cache, eval_pairs.manifest) if eval_pairs else None,
         "versions": {
             "refcache": refcache.__version__,
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
     }
-
-
-# ---- one step, probes, eval pass -----------------------------------------------------------------------------
-
-
-def train_step(run: Run, step: int) -> StepResult:
-    """Optimizer step `step`: forward and backward over this process's share of the step's batch (in pieces of
-    at most max_tokens padded tokens), clip, update, and gather every pair's results from all processes."""
-    t0 = time.perf_counter()
-    cfg, world = run.cfg, run.world
-    micro = D.split_batch(run.batch(step), run.train_pairs.seq_len, world.size * cfg.grad_accum)
-    cost = run.train_pairs.packed_len if run.share_prompt else 2 * run.train_pairs.seq_len
-    max_tokens = 0 if cfg.loss in L.BATCH_LEVEL else cfg.max_tokens  # aot ranks over the whole micro-batch
-    pieces = [p for m in micro[world.rank :: world.size] for p in D.split_tokens(m, cost, max_tokens)]
-    if run.sharded:  # every process runs the same number of forward passes: each one all-gathers the weights
-        pieces = _split_to(pieces, world.max(len(pieces)))
-    parts, tokens = [], 0
-    for j, idx in enumerate(pieces):
-        with P.no_sync(run.train_net, last=j == len(pieces) - 1):
-            losses, scores, n = _forward(run, run.train_pairs, idx, run.train_net)
-            (losses.sum() * (world.size / cfg.batch_size)).backward()
-        parts.append(scores)
-        tokens += n
-    grad_norm = P.clip_grad_norm(run.opt.param_groups[0]["params"], cfg.max_grad_norm)
-    lr = run.sched.get_last_lr()[0]
-    run.opt.step()
-    run.sched.step()
-    run.opt.zero_grad(set_to_none=True)
-    gathered = world.gather((Scores.cat(parts), tokens))
-    return StepResult(scores=Scores.cat(s for s, _ in gathered), lr=lr, grad_norm=grad_norm,
-                      tokens=sum(t for _, t in gathered), seconds=time.perf_counter() - t0)
-
-
-def probe(run: Run) -> list:
-    """Score the probe pairs with the current weights: [(split, pairs, Scores)], the same on every process."""
-    return [(split, pairs, score(run, pairs, subset)) for split, pairs, subset in run.probes]
-
-
-def evaluate(run: Run) -> Scores:
-    """Score every pair of the eval cache with the current weights (the eval pass)."""
-    return score(run, run.eval_pairs, np.arange(len(run.eval_pairs)))
-
-
-def score(run: Run, pairs: D.Pairs, subset: np.ndarray) -> Scores:
-    """Score pairs `subset` without gradients: length-sorted chunks, dealt out to the processes, gathered."""
-    world = run.world
-    chunks = _chunks(subset, pairs.seq_len, max(run.cfg.batch_size // (world.size * run.cfg.grad_accum), 8))
-    mine = chunks[world.rank :: world.size]
-    rounds = -(-len(chunks) // world.size) if run.sharded else len(mine)  # FSDP: the same number everywhere
-    parts = []
-    with torch.no_grad():
-        for i in range(rounds):
-            _, scores, _ = _forward(run, pairs, mine[i] if i < len(mine) else chunks[0], run.net)
-            if i < len(mine):
-                parts.append(scores)
-    return Scores.cat(p for ps in world.gather(parts) for p in ps)
-
-
-def _forward(run: Run, pairs: D.Pairs, idx: np.ndarray, net):
-    """Policy (through `net`) and reference log-probs of pairs `idx`, and the loss: (losses (b,), Scores, tokens)."""
-    device = run.world.device
-    batch = D.collate(pairs, idx, share_prompt=run.share_prompt)
-    with run.autocast:
-        pc, pr, _ = batch_logps(net, batch, device)
-    if run.ref_net is None:
-        rc, rr = batch["ref_chosen_logp"].to(device), batch["ref_rejected_logp"].to(device)
-    else:
-        with torch.no_grad(), run.autocast:
-            rc, rr, _ = batch_logps(run.ref_net, batch, device)
-    logps = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
-    data = {k: batch[k].to(device) for k in L.needs(run.cfg.loss)}
-    losses, rwc, rwr = L.compute(run.cfg.loss, logps, data, run.loss_params)
-    scores = Scores.of(idx, policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr, loss=losses,
-                       reward_chosen=rwc, reward_rejected=rwr)
-    return losses, scores, batch["tokens"]
-
-
-def _chunks(subset, lengths, size):
-    order = subset[np.argsort(-lengths[subset], kind="stable")]
-    return [order[i : i + size] for i in range(0, len(order), size)]
-
-
-def _split_to(pieces: list, n: int) -> list:
-    """Split the largest pieces in two until there are `n` (each process has as many pairs, at least one per
-    piece, so n pieces always exist). The gradient is a sum over pairs: unchanged."""
-    pieces = list(pieces)
-    while len(pieces) < n:
-        i = max(range(len(pieces)), key=lambda j: len(pieces[j]))
-        half = len(pieces[i]) // 2
-        pieces[i : i + 1] = [pieces[i][:half], pieces[i][half:]]
-    return pieces
 
 
 def lr_factor(s: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -379,19 +306,19 @@ def lr_factor(s: int, warmup: int, total: int, schedule: str, min_ratio: float) 
 # ---- the end ------------------------------------------------------------------------------------------------
 
 
-def save_final(run: Run):
+def _save_final(run: Run):
     """out/final/: the trained policy in Hugging Face format, by rank 0. Under FSDP the shards are gathered
     into one state dict on rank 0's CPU and loaded into a fresh copy of the policy first."""
     out = os.path.join(run.cfg.out, "final")
     if not run.sharded:
         if run.world.master:
-            M.save_final(run.model, run.cfg.model, out)
+            write_hf_model(run.policy, run.cfg.model, out)
         return
-    full = P.full_state(run.net)  # every process takes part
+    full = full_state(run.net)  # every process takes part
     if run.world.master:
         whole = load_policy(run.cfg)
         whole.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
-        M.save_final(whole, run.cfg.model, out)
+        write_hf_model(whole, run.cfg.model, out)
     run.world.barrier()
 
 

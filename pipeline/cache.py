@@ -186,7 +186,8 @@ def atomic_write(path: Path, write, before_rename=None):
 
 
 def write_json(path: Path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+    """`obj` as indented JSON, atomically (values JSON has no type for are written as their str)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 # ---------------------------------------------------------------- parts

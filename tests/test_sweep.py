@@ -6,7 +6,8 @@ import types
 
 import pyarrow.parquet as pq
 
-from dpo.cli import SWEEP_FIELDS, sweep_runs
+from dpo.config import SWEEP_FIELDS
+from dpo.sweep import sweep_runs
 from refcache.cli import main as cli_main
 
 FLAGS = ["--steps", "2", "--batch-size", "4", "--probe-every", "0", "--probe-size", "4", "--threads", "1",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dpo import data as D
-from dpo.logps import CompletionLogps, TokenLogp, batch_logps
+from dpo.logps import CompletionLogps, batch_logps
+from pipeline.logps import TokenLogp
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from dpo import losses as L
 from dpo.config import TrainConfig, validate
-from dpo.runlog import RUN_KIND, read_run_config
+from dpo.rundir import RUN_KIND, read_run_config
 from dpo.train import train
 from refcache import UserError
 from refcache.cli import main as cli_main
@@ -152,17 +152,17 @@ def test_half_created_run_resumes(capsys, tmp_path, train_cache):
 
 def test_config_json_is_written_first(tmp_path, train_cache, monkeypatch):
     """The marker comes before any other file: a failure right after it leaves a directory --resume accepts."""
-    from dpo import runlog
+    from dpo import rundir
 
     seen = []
-    real = runlog._write_json
+    real = rundir.write_json
 
     def spy(path, obj):
         seen.append(sorted(n for n in os.listdir(os.path.dirname(path)) if not n.startswith(".refcache-lock")))
         real(path, obj)
         raise KeyboardInterrupt  # killed right after the marker
 
-    monkeypatch.setattr(runlog, "_write_json", spy)
+    monkeypatch.setattr(rundir, "write_json", spy)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(cache=str(train_cache), out=str(tmp_path / "run"), steps=1, batch_size=4, progress=False))
     assert seen == [[]]
