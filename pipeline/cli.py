@@ -19,7 +19,6 @@ def add_commands(sub):
     from refcache.cli import HelpFormatter
 
     d = _defaults(_precompute)
-    hf = _defaults(BACKENDS["hf"])
     p = sub.add_parser(
         "precompute", formatter_class=HelpFormatter,
         help="score preference pairs with the reference model into a Parquet cache",
@@ -46,11 +45,7 @@ def add_commands(sub):
     p.add_argument("--truncation-mode", default=d["truncation_mode"], choices=["keep_end", "keep_start"],
                    help="which end of an over-long prompt to keep")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
-                   help=f"hf: sequences per forward (default {hf['batch_size']}); vllm: max_num_seqs (default: "
-                        "vLLM's on a GPU, sized from the workload on a CPU)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="hf: torch.compile the model first (15-30 s for a 30M model on a CPU, then 8-15%% more "
-                        "tokens/s and closer to fp32 in bf16; BENCHMARKS.md): worth it past a few thousand pairs")
+                   help="; ".join(f"{name}: {b.batch_size_help}" for name, b in BACKENDS.items() if b.batch_size_help))
     p.add_argument("--shard", default=d["shard"], metavar="I/N", help="process chunks k with k %% N == I")
     p.add_argument("--limit", type=int, default=d["limit"], metavar="N", help="only the first N input rows")
     p.add_argument("--part-size", type=int, default=d["part_size"], help="input rows per part file")
@@ -63,17 +58,9 @@ def add_commands(sub):
                         "'\\n\\nAssistant:', else at their longest common prefix cut back to a word boundary; "
                         "prefix: always the latter (TRL's rule); or a marker string, e.g. '\\n\\nAssistant:' "
                         "(typed \\n is a newline). Message lists always split at the last assistant turn")
-    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per model (default: 1)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vllm on a GPU: fraction of GPU memory for the engine (default: vLLM's)")
-    p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
-                   help="vllm: KV cache size (default on a CPU: sized from --max-length and --batch-size; "
-                        "on a GPU: what --gpu-memory-utilization leaves)")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="vllm: run without torch.compile (default on a CPU, where compiling adds minutes to "
-                        "each start for 0-25%% more tokens/s; --no-enforce-eager compiles, worth it for long runs)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="vllm: context length (default: --max-length + 1; given alone, --max-length follows it)")
+    for b in BACKENDS.values():  # each backend's own settings (pipeline/backends/*.py)
+        for f in b.flags:
+            _add_flag(p, f)
     p.add_argument("--verbose", action="store_true", default=None,
                    help="show the backend's own output (vLLM's logs, warnings and progress bars)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,6 +96,15 @@ def add_commands(sub):
                                    "training and queries can read it.\n\nexample:\n  refcache merge cache/train")
     m.add_argument("cache", metavar="CACHE", help="cache directory the shards wrote into")
     m.set_defaults(func=run_merge)
+
+
+def _add_flag(parser, flag):
+    """A backend's Flag as an option; unset, it stays None (the backend's default)."""
+    if flag.type is not None:
+        parser.add_argument(flag.option, type=flag.type, default=None, metavar=flag.metavar, help=flag.help)
+    else:
+        action = argparse.BooleanOptionalAction if flag.negatable else "store_true"
+        parser.add_argument(flag.option, action=action, default=None, help=flag.help)
 
 
 def _backend_flags(args) -> dict:

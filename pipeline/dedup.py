@@ -7,8 +7,7 @@ on row order, and every shard streams through all input rows, so each shard make
 sharded cache equals a single-process one.
 
 Memory: 16 bytes per distinct pair (12 bytes of the 128-bit pair_id and a uint32 row number), in sorted runs
-whose sizes at least double; merging two runs briefly holds both and the result (measured with tracemalloc
-at 200k and 2M pairs: 16.0 bytes per pair held, under 30 at the peak of a merge).
+whose sizes at least double; merging two runs briefly holds both and the result (measured: BENCHMARKS.md).
 Two different pairs that share the first 96 bits of their pair_id would be taken for copies: at 100 million
 pairs the chance is about 6e-14.
 """

@@ -27,10 +27,9 @@ _ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX51
 def bf16_matmul_native(device) -> bool:
     """False on a CPU where torch's bf16 matmul has no bf16 instructions (neither AVX512-BF16 nor AMX-BF16),
     where it is 2-4.5x SLOWER than fp32: oneDNN then converts each tile to fp32 in software, and without AVX-512
-    torch skips oneDNN for a generic loop. SmolLM2's MLP matmul [1536,576]x[576,1536], 1 thread, bf16 vs fp32
-    (fp32 48-58 GFLOP/s): 108-135 natively, 23-25 at ONEDNN_MAX_CPU_ISA=AVX512_CORE, 13 at AVX2, 12 with oneDNN
-    off; a whole SmolLM2 forward: 4.2 s bf16 vs 6.8 s fp32 natively, 26.4 s bf16 at AVX2 (the cliff of issue 9).
-    Non-CPU devices and non-x86 CPUs: True (run bf16 as asked)."""
+    torch skips oneDNN for a generic loop (figures: BENCHMARKS.md, "SmolLM2: the bf16 cliff"). ONEDNN_MAX_CPU_ISA
+    capped below AVX512_CORE_BF16 counts as no bf16 instructions. Non-CPU devices and non-x86 CPUs: True (run
+    bf16 as asked)."""
     if torch.device(device).type != "cpu":
         return True
     caps = torch.cpu.get_capabilities()
@@ -44,8 +43,8 @@ def bf16_matmul_native(device) -> bool:
 def token_logps(logits, targets):
     """log_softmax(logits)[targets] in fp32. logits [..., V] (any float dtype), targets [...] int64 -> [...].
 
-    torch's fused log_softmax keeps each row in cache (measured ~3x less time than logsumexp's composite
-    max / subtract / exp / sum over a [341, 49152] chunk)."""
+    torch's fused log_softmax keeps each row in cache, unlike logsumexp's composite max / subtract / exp / sum
+    (timing: BENCHMARKS.md)."""
     lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return torch.log_softmax(lf, dim=-1).gather(-1, targets[..., None])[..., 0]
 

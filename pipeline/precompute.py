@@ -23,7 +23,8 @@ from pathlib import Path
 
 import refcache
 from pipeline import cache
-from pipeline.backends import check_settings, make_scorer, resolve_backend, torch_dtype
+from pipeline.backends import BACKENDS, Backend, check_settings, make_scorer, resolve_backend, torch_dtype
+from pipeline.checks import allowed, inside
 from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
@@ -35,7 +36,6 @@ from pipeline.tokenize import settings as tokenization_settings
 from refcache import UserError
 from refcache.lock import DirLock
 
-SCORE_PAIRS = {"hf": 256, "vllm": 1024}  # pairs per scoring call (progress granularity)
 DEFAULT_MAX_LENGTH = 1024  # max_length when not given (less when the model's context is shorter)
 
 
@@ -54,31 +54,25 @@ def parse_shard(shard):
     return i, n
 
 
-# Numeric arguments: (flag, smallest, largest, None allowed). Checked before any work, for the CLI and the API.
-INT_ARGS = {"max_length": ("--max-length", 2, None, True), "max_prompt_length": ("--max-prompt-length", 1, None, True),
-            "batch_size": ("--batch-size", 1, None, True), "part_size": ("--part-size", 1, None, False),
-            "limit": ("--limit", 1, None, True), "tensor_parallel_size": ("--tensor-parallel-size", 1, None, True),
-            "max_model_len": ("--max-model-len", 2, None, True)}
-FLOAT_ARGS = {"gpu_memory_utilization": ("--gpu-memory-utilization", 0.0, 1.0, True),  # (0, 1]
-              "kv_cache_gib": ("--kv-cache-gib", 0.0, math.inf, True)}  # (0, inf)
+# precompute's own numeric arguments, all whole numbers: allowed values (pipeline/checks.py); None means unset
+# (part_size excepted). The backends' numeric settings carry theirs (Flag.limits).
+WHOLE_ARGS = {"max_length": "[2, inf)", "max_prompt_length": "[1, inf)", "batch_size": "[1, inf)",
+              "part_size": "[1, inf)", "limit": "[1, inf)"}
 
 
 def check_arguments(args: dict):
-    """One-line UserError naming the flag and its allowed range for the first numeric argument out of range."""
-    for name, (flag, lo, hi, none_ok) in INT_ARGS.items():
+    """One-line UserError naming the flag and its allowed range for the first numeric argument out of range
+    (whole numbers first, then the others), before any work, for the CLI and the API."""
+    numeric = [(name, "--" + name.replace("_", "-"), spec, int) for name, spec in WHOLE_ARGS.items()]
+    numeric += [(f.name, f.option, f.limits, f.type) for b in BACKENDS.values() for f in b.flags if f.limits]
+    for name, flag, spec, kind in sorted(numeric, key=lambda a: a[3] is not int):
         v = args.get(name)
-        if (v is None and none_ok) or (name == "max_prompt_length" and v == "auto"):
+        if (v is None and name != "part_size") or (name == "max_prompt_length" and v == "auto"):
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
-            allowed = f"a whole number >= {lo}" + (" (or none, or auto)" if name == "max_prompt_length" else "")
-            raise UserError(f"{flag} {v}: must be {allowed}")
-    for name, (flag, lo, hi, none_ok) in FLOAT_ARGS.items():
-        v = args.get(name)
-        if v is None and none_ok:
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo < v <= hi or math.isinf(v):  # NaN too
-            allowed = f"in ({lo:g}, {hi:g}]" if math.isfinite(hi) else f"> {lo:g} and finite"
-            raise UserError(f"{flag} {f'{v:g}' if isinstance(v, float) else v}: must be a number {allowed}")
+        if not inside(v, spec, whole=kind is int):
+            also = " (or none, or auto)" if name == "max_prompt_length" else ""
+            shown = f"{v:g}" if kind is not int and isinstance(v, float) else v
+            raise UserError(f"{flag} {shown}: must be {allowed(spec, whole=kind is int)}{also}")
     parse_shard(args.get("shard"))
 
 
@@ -146,7 +140,7 @@ class Job:
 
     src: Source
     model_dir: Path
-    backend: str  # hf | vllm
+    backend: str  # a registered backend: hf | vllm
     dtype: str
     limit: int | None
     part_size: int
@@ -170,14 +164,12 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
     prompt_split = check_prompt_split(prompt_split)
     model_dir = resolve_model_dir(model)
     name = scorer.name if scorer is not None else resolve_backend(backend, dtype)
-    max_length, max_prompt_length = _lengths(model_dir, max_length, max_prompt_length, name,
-                                             backend_settings.get("max_model_len"))
+    max_length, max_prompt_length = _lengths(model_dir, max_length, max_prompt_length, name, **backend_settings)
     if truncation_mode not in ("keep_end", "keep_start"):
         raise UserError(f"truncation mode {truncation_mode!r}: use keep_end or keep_start")
     scorer_settings = dict(backend_settings, batch_size=batch_size)
     check_settings(name, scorer_settings)  # a setting for another backend: refused
-    if name == "vllm":
-        scorer_settings["max_model_len"] = scorer_settings.get("max_model_len") or max_length + 1
+    scorer_settings = BACKENDS[name].complete_settings(scorer_settings, max_length)  # vllm: max_model_len
 
     model_id, tok_id = model_identity(model_dir), tokenizer_identity(model_dir)
     src = Source(data, columns)
@@ -279,20 +271,20 @@ class PartWriter:
         self.stats.add_part(meta["part"])
 
     def _score(self, kept: list) -> tuple:
-        """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored SCORE_PAIRS pairs at a time."""
+        """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored the backend's pairs_per_call at a time."""
         if kept and self.scorer is None:
             tl = time.time()
             self.scorer = make_scorer(self.job.backend, self.job.model_dir, self.job.dtype, **self.job.scorer_settings)
             self.stats.load_seconds = round(time.time() - tl, 3)
         cols = ([], [], [], [])
         ts = time.time()
-        step = SCORE_PAIRS.get(self.job.backend, 256)
+        step = BACKENDS[self.job.backend].pairs_per_call
         for j in range(0, len(kept), step):
             group = kept[j: j + step]
-            post0 = getattr(self.scorer, "post_seconds", 0.0)
+            post0 = self.scorer.post_seconds
             for col, values in zip(cols, score_group(self.scorer, group)):
                 col += values
-            self.stats.post_seconds += getattr(self.scorer, "post_seconds", 0.0) - post0  # engine output -> numpy
+            self.stats.post_seconds += self.scorer.post_seconds - post0  # engine output -> numpy
             self.stats.tokens += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             self.stats.completion_tokens += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
             self._advance(len(group), busy=self.score_seconds + time.time() - ts)
@@ -310,7 +302,7 @@ class PartWriter:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.own_scorer and self.scorer is not None and hasattr(self.scorer, "close"):
+        if self.own_scorer and self.scorer is not None:
             self.scorer.close()
 
 
@@ -318,7 +310,7 @@ def score_group(scorer, group: list) -> tuple:
     """Score tokenized pairs: (chosen log-probs, rejected log-probs, ches, ln_ches), one entry per pair. A scorer
     that packs a pair into one prompt-shared row (hf) returns CHES from the same forward; the others return no
     hidden states, so CHES stays null (None)."""
-    if getattr(scorer, "can_pack", lambda: False)():
+    if scorer.can_pack():
         lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
         return [x[0] for x in lps], [x[1] for x in lps], [x[2] for x in lps], [x[3] for x in lps]
     seqs, starts = sequences(group)
@@ -477,17 +469,16 @@ def tokenize_rows(pair_tok, pairs):
         return kept, rejected
 
 
-def _lengths(model_dir, max_length, max_prompt_length, backend, max_model_len=None):
+def _lengths(model_dir, max_length, max_prompt_length, backend, /, **settings):
     """(max_length, max_prompt_length) resolved so that the defaults follow what is given: max_length from the
-    model's context and vLLM's max_model_len, the prompt's limit half of max_length. Only an explicit pair that
-    cannot work is an error, naming what to pass."""
-    if max_length is None and max_model_len and backend == "vllm":
-        max_length = min(_check_context(model_dir, None, backend), max_model_len - 1)
+    model's context and the backend's settings (vLLM's max_model_len), the prompt's limit half of max_length.
+    Only an explicit pair that cannot work is an error, naming what to pass."""
+    scorer_class = BACKENDS.get(backend, Backend)  # an unknown name is refused after this, by check_settings
+    cap = scorer_class.max_length_cap(settings)
+    if max_length is None and cap is not None:
+        max_length = min(_check_context(model_dir, None, backend), cap)
     max_length = _check_context(model_dir, max_length, backend)
-    if max_model_len and backend == "vllm" and max_model_len < max_length + 1:
-        raise UserError(f"--max-model-len {max_model_len} must be at least --max-length + 1 = {max_length + 1} (vLLM "
-                        f"needs one position past the sequence); pass --max-length {max_model_len - 1} or leave "
-                        "--max-model-len out (it follows --max-length)")
+    scorer_class.check_max_length(max_length, settings)
     if max_prompt_length == "auto":
         max_prompt_length = (max_length + 1) // 2
     elif max_prompt_length is not None and max_prompt_length >= max_length:
@@ -498,10 +489,11 @@ def _lengths(model_dir, max_length, max_prompt_length, backend, max_model_len=No
 
 
 def _check_context(model_dir, max_length, backend):
-    """Resolve max_length against the model's context (vLLM needs one spare position for its output token)."""
+    """Resolve max_length against the model's context and the positions the backend needs past the sequence
+    (vLLM: one, for its output token)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    spare = 1 if backend == "vllm" else 0
+    spare = BACKENDS.get(backend, Backend).spare_positions
     if max_length is None:  # the same default for every backend, so their caches are interchangeable
         return min(DEFAULT_MAX_LENGTH, ctx - 1) if ctx else DEFAULT_MAX_LENGTH
     if ctx and max_length + spare > ctx:

