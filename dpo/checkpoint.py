@@ -4,7 +4,6 @@ and one rng-rankR.pt per process). Each holds the trainable weights, AdamW state
 and the log rows before its step (`rows`, from dpo/runlog.py), so a resume continues exactly.
 """
 
-import errno
 import os
 import random
 import shutil
@@ -15,7 +14,8 @@ import torch
 
 from dpo import parallel
 from dpo.model import load_trainable, trainable_state
-from refcache import UserError
+from refcache_base import UserError
+from refcache_base.files import save_torch
 
 
 def listed(out: str) -> list:
@@ -111,21 +111,6 @@ def restore(run, path: str) -> dict:
     run.sched.load_state_dict(state["scheduler"])
     set_rng(rng)
     return state
-
-
-def save_torch(obj, path):
-    """torch.save to a temp file, fsync, rename: a reader sees the old file or the whole new one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as "unexpected pos …"
-        free = shutil.disk_usage(os.path.dirname(tmp) or ".").free
-        os.remove(tmp)  # ours, half written: give the space back
-        raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO, f"torch.save failed: {e}", tmp) from e
-    os.replace(tmp, path)
 
 
 def get_rng() -> dict:

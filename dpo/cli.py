@@ -7,7 +7,7 @@ import textwrap
 
 from dpo.config import CHOICES, FIELDS, SWEEP_FIELDS, TrainConfig, flag, scalar_type
 from dpo.losses import PARAMS
-from refcache import UserError
+from refcache_base import UserError
 
 
 def add_commands(sub):

@@ -10,16 +10,15 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from dpo import limits
 from dpo.dashboards import REPORT_TO
 from dpo.losses import LOSSES, PARAMS, check_params, param_help
 from dpo.losses import loss_params as loss_defaults
-from refcache import UserError
+from refcache_base import UserError, limits
 
 
 def setting(default=None, help="", *, range=None, flag=True, **argparse_kw):
     """A TrainConfig field with everything said about it once: its default, its help text (the command line's),
-    its allowed range (dpo/limits.py notation; checked by `validate`), and how it is a flag (dpo/cli.py makes
+    its allowed range (refcache_base/limits.py notation; checked by `validate`), and how it is a flag (dpo/cli.py makes
     them): `flag=False` for none, a string for another spelling than --field-name (e.g. "--no-share-prompt"),
     plus argparse keywords (action, metavar, required, nargs; `cli_default` where the flag's default is spelled
     otherwise, `group` for flags that exclude each other)."""
@@ -113,7 +112,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# Allowed values of the numeric fields (dpo/limits.py notation), from the declarations. Integer fields must also
+# Allowed values of the numeric fields (refcache_base/limits.py notation), from the declarations. Integer fields must also
 # be integers.
 LIMITS = {name: f.metadata["range"] for name, f in FIELDS.items() if f.metadata.get("range")}
 # Fields `refcache sweep` takes as comma lists, in the order run names list them (dpo/sweep.py)

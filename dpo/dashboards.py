@@ -2,7 +2,7 @@
 
 The Parquet logs stay the source of truth; a dashboard gets the same rows under TRL's names, as transformers'
 TensorBoard and W&B callbacks show a DPOTrainer run: `train/<name>` for each optimizer step, `eval/<name>` for
-each eval pass, names from dpo.runlog_schema.TRL_METRICS, x = the row's `step` (the steps.parquet convention).
+each eval pass, names from refcache_base.runlog_schema.TRL_METRICS, x = the row's `step` (the steps.parquet convention).
 Only rank 0 writes (RunLog calls these on rank 0 only).
 
 No step appears twice after a resume:
@@ -22,8 +22,9 @@ import os
 import sys
 from urllib.parse import urlparse
 
-from dpo.runlog_schema import EVALS_SCHEMA, TRL_METRICS
-from refcache import UserError
+from refcache_base import UserError
+from refcache_base.files import write_json
+from refcache_base.runlog_schema import EVALS_SCHEMA, TRL_METRICS
 
 REPORT_TO = ("tensorboard", "wandb")  # each is also the name of its package and of refcache's pip extra for it
 
@@ -127,10 +128,7 @@ class WandB:
             self.run.log(by_step[step], step=step)
         self.sent = max(by_step)
         self.pending.clear()
-        tmp = self.record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"last_step": self.sent}, f)
-        os.replace(tmp, self.record)
+        write_json(self.record, {"last_step": self.sent})
 
     def close(self):
         self.flush()

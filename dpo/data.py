@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from refcache import UserError
+from refcache_base import UserError
 
 COLUMNS = [
     "pair_id",

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpo import limits
+from refcache_base import limits
 
 Tensor = torch.Tensor
 
@@ -453,7 +453,7 @@ LOSSES = {
 # Losses whose per-example values are tied to ranks in the sorted batch, not to pairs.
 BATCH_LEVEL = {"aot", "aot_unpaired"}
 
-# The scalar loss parameters: their names, allowed values (dpo/limits.py notation) and meaning, in one place.
+# The scalar loss parameters: their names, allowed values (refcache_base/limits.py notation) and meaning, in one place.
 # Defaults live in the loss functions' signatures above (beta is 0.1, simpo's 2.0). The trainer's config fields,
 # the command-line flags with their help, and the run's config.json are all derived from this table and those
 # signatures: a new parameter is a keyword argument of its loss plus one row here.

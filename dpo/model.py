@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from pipeline.cache import content_id, manifest_path
-from refcache import UserError
+from refcache_base import UserError
 
 
 def load_causal_lm(path):

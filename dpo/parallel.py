@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from refcache import UserError
+from refcache_base import UserError
 
 
 @dataclass

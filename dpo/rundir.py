@@ -4,11 +4,11 @@ match.
 - A run is recognised by its config.json, written first and atomically, which carries `"kind": "refcache-run"`.
   refcache writes only into a new or empty directory or one of its own runs, and removes only files it wrote:
   a directory holding anything else (a Hugging Face model, say) is refused, with or without --resume.
-- A lock file (refcache.lock.DirLock) keeps a second writer out while a run writes the directory.
+- A lock file (refcache_base.lock.DirLock) keeps a second writer out while a run writes the directory.
 - A resume must ask for the same settings as the run recorded; caches and the policy are compared by content
   (IDENTIFIED_BY), the --where subset by the pair ids it kept.
 
-Files inside it: dpo/runlog.py (logs), dpo/checkpoint.py (checkpoints); schemas in dpo/runlog_schema.py.
+Files inside it: dpo/runlog.py (logs), dpo/checkpoint.py (checkpoints); schemas in refcache_base/runlog_schema.py.
 """
 
 import contextlib
@@ -22,9 +22,10 @@ from dpo import checkpoint
 from dpo.config import RESUME_FREE, TrainConfig
 from dpo.model import cache_fingerprint
 from dpo.parallel import World
-from pipeline.cache import read_manifest, write_json
-from refcache import UserError
-from refcache.lock import LOCK_PREFIX, DirLock
+from pipeline.cache import read_manifest
+from refcache_base import UserError
+from refcache_base.files import write_json
+from refcache_base.lock import LOCK_PREFIX, DirLock
 
 RUN_KIND = "refcache-run"
 OWN_ENTRIES = ("config.json", "steps.parquet", "evals.parquet", "summary.json", "examples", "checkpoints",

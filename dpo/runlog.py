@@ -1,4 +1,4 @@
-"""A run's logs (schemas in dpo/runlog_schema.py): steps.parquet, evals.parquet, examples/ and summary.json.
+"""A run's logs (schemas in refcache_base/runlog_schema.py): steps.parquet, evals.parquet, examples/ and summary.json.
 
 `RunLog` holds the step rows, the eval rows and the buffered example rows; it flushes them (steps.parquet and
 evals.parquet rewritten whole, examples/ one new part per flush, all atomic), hands its rows to each checkpoint
@@ -20,9 +20,9 @@ import torch
 
 from dpo import checkpoint, dashboards
 from dpo.parallel import World
-from dpo.runlog_schema import EVALS_SCHEMA, EXAMPLES_SCHEMA, STEPS_SCHEMA
 from dpo.step import Scores, StepResult
-from pipeline.cache import atomic_write, write_json
+from refcache_base.files import atomic_write, write_json
+from refcache_base.runlog_schema import EVALS_SCHEMA, EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 
 class RunLog:

@@ -12,7 +12,7 @@ import duckdb
 import numpy as np
 
 from dpo.data import Pairs, take
-from refcache import UserError
+from refcache_base import UserError
 
 
 def kept_source_indices(cache: str, where: str) -> tuple[np.ndarray, int]:

@@ -13,7 +13,7 @@ import os
 from dpo.cli import check_cache, config_from
 from dpo.config import SWEEP_FIELDS, flag, scalar_type, validate
 from dpo.losses import LOSSES, PARAMS, loss_params
-from refcache import UserError
+from refcache_base import UserError
 
 
 def sweep(args) -> list:

@@ -8,7 +8,7 @@ Python API: ``train(TrainConfig(cache=..., out=...)) -> summary dict``; or ``wit
 ``train_step(run, step)`` / ``probe(run, step)`` / ``evaluate(run)`` for a loop of your own (bench/ does).
 Command line: ``refcache train``.
 
-Run directory (dpo/runlog.py, schemas in dpo/runlog_schema.py): config.json, steps.parquet, evals.parquet,
+Run directory (dpo/runlog.py, schemas in refcache_base/runlog_schema.py): config.json, steps.parquet, evals.parquet,
 examples/part-*.parquet, checkpoints/step-*, final/ (Hugging Face format), summary.json; tensorboard/ and wandb/
 with --report-to (dpo/dashboards.py). ``where`` trains on the pairs an SQL predicate keeps (dpo/subset.py).
 
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import refcache
 from dpo.config import TrainConfig, loss_params, validate
 from dpo.data import Pairs, epoch_batches, load_pairs, probe_subset
 from dpo.logps import CompletionLogps
@@ -54,7 +53,7 @@ from dpo.subset import select as select_where
 from pipeline.cache import content_id
 from pipeline.logps import bf16_matmul_native
 from pipeline.packing import takes_custom_mask
-from refcache import UserError, preempt
+from refcache_base import UserError, __version__, preempt
 
 __all__ = ["Run", "Scores", "StepResult", "TrainConfig", "evaluate", "lr_factor", "probe", "score", "setup", "train",
            "train_step"]
@@ -66,7 +65,7 @@ def train(cfg: TrainConfig) -> dict | None:
     with setup(cfg) as run:
         cfg, log = run.cfg, run.log
         bar = _progress_bar(run)
-        with preempt.at_step_end():  # a SIGTERM ends the step, checkpoints and stops (refcache/preempt.py)
+        with preempt.at_step_end():  # a SIGTERM ends the step, checkpoints and stops (refcache_base/preempt.py)
             for step in range(run.start_step, run.total_steps):
                 if cfg.probe_every and step % cfg.probe_every == 0:
                     log.add_probes(step, *_timed(probe, run))
@@ -282,7 +281,7 @@ def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_
         "cache_fingerprint": cache_fingerprint(cfg.cache, train_pairs.manifest),
         "eval_cache_fingerprint": cache_fingerprint(cfg.eval_cache, eval_pairs.manifest) if eval_pairs else None,
         "versions": {
-            "refcache": refcache.__version__,
+            "refcache": __version__,
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },

@@ -3,7 +3,7 @@
     CACHE/part-00000.parquet      chunk k of the input (rows k*part_size ..), zstd, written atomically;
                                   key-value metadata b"refcache": the cache identity + this part's row
                                   counts and rejected rows (so each part is a self-contained unit of work).
-                                  Every part has the same schema (pipeline.schema.part_schema)
+                                  Every part has the same schema (refcache_base.cache_schema.part_schema)
     CACHE/__refcache__/           refcache's own files, out of the parts' glob (SIDE):
       manifest.json               written by merge once every part is present and valid: the cache's identity
                                   and the part list with each part's bytes and sha256
@@ -14,7 +14,7 @@
       _shard-I-of-N.json          written by each finished shard: settings fingerprint, total rows read
       _sums.json                  memo for readers: each part's sha256 with the file's size, inode, mtime and
                                   ctime when it was hashed (see `check_parts`)
-    CACHE/.refcache-lock-*        held while a shard (one lock per shard) or merge writes (refcache.lock)
+    CACHE/.refcache-lock-*        held while a shard (one lock per shard) or merge writes (refcache_base.lock)
 
 So the directory holds the parts and nothing else a Parquet reader would open: `CACHE/*.parquet` (Polars,
 DuckDB) and the directory itself (`datasets.load_dataset("parquet", data_dir=CACHE)`, pyarrow.dataset) are exactly
@@ -38,17 +38,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import refcache
 from pipeline.fingerprint import file_sha256
-from pipeline.schema import (
+from refcache_base import UserError, __version__
+from refcache_base.cache_schema import (
     READABLE_VERSIONS,
     REJECTED_SCHEMA,
     SCHEMA_VERSION,
     V2_COLUMNS,
     part_schema,
 )
-from refcache import UserError
-from refcache.lock import DirLock
+from refcache_base.files import atomic_write, with_filename, write_json
+from refcache_base.lock import DirLock
 
 META_KEY = b"refcache"
 PART_RE = re.compile(r"part-\d{5,}\.parquet")
@@ -154,40 +154,6 @@ def _has_our_meta(path: Path) -> bool:
 
 def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def with_filename(e: OSError, path) -> OSError:
-    """The same error, naming `path` when it names no file (pyarrow's and plain write errors do not), so the
-    command line can say which file could not be written."""
-    if e.filename:
-        return e
-    return OSError(e.errno, e.strerror or str(e), str(path))
-
-
-def atomic_write(path: Path, write, before_rename=None):
-    """write(tmp_path), fsync, before_rename(tmp_path), then rename over `path`: readers see the old file or
-    the whole new one. On an OSError (a full disk) the temp file is removed and the error names `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(exist_ok=True)  # __refcache__/ on its first file
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # ours, half written: free its space
-        raise with_filename(e, path) from None
-    except BaseException:  # Ctrl-C or SIGTERM mid-write: no half file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj):
-    """`obj` as indented JSON, atomically (values JSON has no type for are written as their str)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 # ---------------------------------------------------------------- parts
@@ -439,7 +405,7 @@ def _merge(cache_dir: Path) -> dict:
     ident = (scored or metas or [first])[0]["identity"]
     manifest = {
         "schema_version": version,
-        "refcache_version": refcache.__version__,
+        "refcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": first["fingerprint"],
         "model": ident["model"],

@@ -16,12 +16,10 @@ def _defaults(fn) -> dict:
 def add_commands(sub):
     from pipeline.precompute import DEFAULT_MAX_LENGTH, _precompute
     from pipeline.verify import verify
-    from refcache.cli import HelpFormatter
 
     d = _defaults(_precompute)
     p = sub.add_parser(
-        "precompute", formatter_class=HelpFormatter,
-        help="score preference pairs with the reference model into a Parquet cache",
+        "precompute", help="score preference pairs with the reference model into a Parquet cache",
         description="Read preference pairs, tokenize once, score every completion token with the reference model, "
                     "write CACHE\n(resumable: re-run the same command).\n\n"
                     f"lengths: --max-length defaults to {DEFAULT_MAX_LENGTH}, or less to fit the model's context "
@@ -68,8 +66,7 @@ def add_commands(sub):
     p.set_defaults(func=run_precompute)
 
     vd = _defaults(verify)
-    v = sub.add_parser("verify", formatter_class=HelpFormatter,
-                       help="re-score sampled cached pairs with the hf backend and compare",
+    v = sub.add_parser("verify", help="re-score sampled cached pairs with the hf backend and compare",
                        description="Re-score N cached pairs with transformers (model from the manifest) and "
                                    "report per-token and implied reward\ndifferences; exit 1 when a token is past "
                                    "the tolerance.\n\nexample:\n  refcache verify cache/train --sample 64")
@@ -89,8 +86,7 @@ def add_commands(sub):
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=run_verify)
 
-    m = sub.add_parser("merge", formatter_class=HelpFormatter,
-                       help="validate all parts of a (sharded) cache and write its manifest",
+    m = sub.add_parser("merge", help="validate all parts of a (sharded) cache and write its manifest",
                        description="Check every part of CACHE written by `refcache precompute --shard I/N` runs "
                                    "(all shards finished,\nno part missing or changed) and write its manifest, so "
                                    "training and queries can read it.\n\nexample:\n  refcache merge cache/train")

@@ -23,7 +23,7 @@ summary). A column missing from a row or a file is null there. Across the files 
 combines the files' kinds.
 
 Names: the input's name, unless it equals (case-insensitively, as DuckDB compares identifiers) a cache column,
-a column the `pairs` view adds (pipeline.schema.RESERVED_NAMES) or another input column that kept its name
+a column the `pairs` view adds (refcache_base.cache_schema.RESERVED_NAMES) or another input column that kept its name
 ("Category" beside "category"); then EXTRA_PREFIX + name ("input_pair_id"), repeated until the name is free.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from pipeline.data import _READERS, Reject, Source, _load_dataset, file_format, open_parquet
-from pipeline.schema import EXTRA_PREFIX, EXTRA_TYPES, RESERVED_NAMES
+from refcache_base.cache_schema import EXTRA_PREFIX, EXTRA_TYPES, RESERVED_NAMES
 
 # value kinds
 NULL, BOOL, INT, FLOAT, STRING, TEXT, NESTED, BINARY = "null", "bool", "int", "float", "string", "text", \

@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refcache import UserError
+from refcache_base import UserError
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}  # for the text formats (Parquet compresses inside the file)

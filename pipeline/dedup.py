@@ -14,7 +14,7 @@ pairs the chance is about 6e-14.
 
 import numpy as np
 
-from refcache import UserError
+from refcache_base import UserError
 
 KEY = "S12"  # the first 12 bytes of the pair_id
 

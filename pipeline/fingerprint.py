@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from refcache import UserError
+from refcache_base import UserError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

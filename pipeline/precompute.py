@@ -21,20 +21,19 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import refcache
 from pipeline import cache
 from pipeline.backends import BACKENDS, Backend, check_settings, make_scorer, resolve_backend, torch_dtype
-from pipeline.checks import allowed, inside
 from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
 from pipeline.dedup import SeenPairs
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
-from pipeline.schema import SCHEMA_VERSION
 from pipeline.tokenize import PairTokenizer, sequences
 from pipeline.tokenize import settings as tokenization_settings
-from refcache import UserError
-from refcache.lock import DirLock
+from refcache_base import UserError, __version__
+from refcache_base.cache_schema import SCHEMA_VERSION
+from refcache_base.limits import allowed, inside
+from refcache_base.lock import DirLock
 
 DEFAULT_MAX_LENGTH = 1024  # max_length when not given (less when the model's context is shorter)
 
@@ -54,7 +53,7 @@ def parse_shard(shard):
     return i, n
 
 
-# precompute's own numeric arguments, all whole numbers: allowed values (pipeline/checks.py); None means unset
+# precompute's own numeric arguments, all whole numbers: allowed values (refcache_base/limits.py); None means unset
 # (part_size excepted). The backends' numeric settings carry theirs (Flag.limits).
 WHOLE_ARGS = {"max_length": "[2, inf)", "max_prompt_length": "[1, inf)", "batch_size": "[1, inf)",
               "part_size": "[1, inf)", "limit": "[1, inf)"}
@@ -324,7 +323,7 @@ def part_meta(job: Job, k: int, items: list, kept: list, rejected: list, scorer)
     backend = job.identity["backend"]
     if scorer:
         backend = {**backend, "version": scorer.version(), "settings": scorer.settings()}
-    return {"schema_version": SCHEMA_VERSION, "refcache_version": refcache.__version__,
+    return {"schema_version": SCHEMA_VERSION, "refcache_version": __version__,
             "fingerprint": job.fingerprint, "settings": job.settings, "identity": {**job.identity, "backend": backend},
             "part": {"index": k, "first_source_index": k * job.part_size, "rows_read": len(items),
                      "rows_kept": len(kept), "rejected": rejected,

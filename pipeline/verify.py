@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from pipeline.backends import HFScorer
 from pipeline.cache import check_parts, load_table, read_manifest
-from pipeline.checks import allowed, inside
 from pipeline.dedup import SeenPairs
 from pipeline.fingerprint import identity_diff, model_identity
-from refcache import UserError
+from refcache_base import UserError
+from refcache_base.limits import allowed, inside
 
 # (atol, rtol) by the dtype both scores were made in. float32: the contract's 1e-4 nats, plus 1e-5 per nat of
 # |log p|. bfloat16: 1 nat plus 0.1 per nat (bf16's noise is set by the logits' size more than by |log p|). Both
@@ -33,7 +33,7 @@ TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (1.0, 0.1)}
 
 def check_arguments(sample, tolerance, rtol, beta, batch_size):
     """One-line UserError naming the first flag out of range (before any work); allowed values in interval
-    notation (pipeline/checks.py)."""
+    notation (refcache_base/limits.py)."""
     for flag, v in (("--sample", sample), ("--batch-size", batch_size)):
         if not inside(v, "[1, inf)", whole=True):
             raise UserError(f"{flag} {v}: must be {allowed('[1, inf)', whole=True)}")

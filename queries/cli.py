@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from refcache import UserError
+from refcache_base import UserError
 
 FORMATS = ("table", "csv", "json", "parquet")
 MAX_ROWS = 60  # table rows printed to a terminal unless --max-rows says otherwise
@@ -46,10 +46,8 @@ def _query_description() -> str:
 
 
 def add_commands(sub):
-    from refcache.cli import HelpFormatter
-
     p = sub.add_parser("query", help="run a named diagnostic over caches and run logs (no NAME: list them)",
-                       description=_query_description(), formatter_class=HelpFormatter)
+                       description=_query_description())
     p.add_argument("name", nargs="?", metavar="NAME", help="diagnostic to run; omit to list them")
     _add_sources(p)
     p.add_argument("--param", nargs="+", action="extend", default=[], metavar="K=V",
@@ -59,7 +57,6 @@ def add_commands(sub):
 
     p = sub.add_parser(
         "sql", help="ad-hoc read-only SQL on the views pairs, rejected_rows, steps, examples, runs",
-        formatter_class=HelpFormatter,
         description="Run one read-only SQL statement (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, SUMMARIZE) on the\n"
                     "views: pairs and rejected_rows (caches), steps, examples and runs (run logs), probe_noise;\n"
                     "macros: near_identical(a, b), rel_edit_distance(a, b), token_edit_distance(a, b),\n"
@@ -73,7 +70,6 @@ def add_commands(sub):
 
     p = sub.add_parser(
         "report", help="write an HTML report with plots of the diagnostics for one or more runs",
-        formatter_class=HelpFormatter,
         description="Write DIR/report.html (self-contained: plots inline) and its PNGs for one or more runs: the\n"
                     "findings that stand above noise, drift of chosen and rejected log-probs, margin and accuracy,\n"
                     "the TRL-style per-step curves (rewards/*, logps/*, loss, grad_norm, learning_rate), length\n"

@@ -32,11 +32,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from pipeline import cache as pcache
 from pipeline.fingerprint import file_sha256
-from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, V2_COLUMNS, contract_schema
-from refcache import UserError
+from refcache_base import UserError
+from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_SCHEMA, V2_COLUMNS, contract_schema
+from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 SHARED_SQL = Path(__file__).parent / "_shared.sql"  # macros and views every diagnostic uses
 

@@ -23,17 +23,17 @@ from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from dpo.runlog_schema import TRL_METRICS
 from pipeline.cache import manifest_path
 from queries.db import attached, connect, view_sources
 from queries.findings import default_top, findings
 from queries.fmt import format_column, num
 from queries.runner import run_query
+from refcache_base.runlog_schema import TRL_METRICS
 
 STYLE = {"train": "-", "eval": "--"}
 SPLIT_WORDS = {"train": "train probes (pairs trained on)", "eval": "eval probes (held out)"}
 STEP_LABEL = "optimizer step"
-TRL_CURVES = TRL_METRICS  # (TRL name, steps.parquet column, y-axis unit): dpo/runlog_schema.py
+TRL_CURVES = TRL_METRICS  # (TRL name, steps.parquet column, y-axis unit): refcache_base/runlog_schema.py
 SHARED_Y = [("rewards/chosen", "rewards/rejected"), ("logps/chosen", "logps/rejected")]
 
 

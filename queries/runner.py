@@ -21,7 +21,7 @@ import duckdb
 import polars as pl
 
 from queries.db import check_read_only, one_line, view_sources
-from refcache import UserError
+from refcache_base import UserError
 
 QUERY_DIR = Path(__file__).parent
 
@@ -206,7 +206,7 @@ def run_query(con, name: str, params=None) -> pl.DataFrame:
 def column_name(con, view: str, value: str, where: str) -> str:
     """The column of `view` that `value` names (DuckDB compares names case-insensitively), as the view spells
     it; a one-line UserError listing the input's own columns and the rest otherwise."""
-    from pipeline.schema import RESERVED_NAMES
+    from refcache_base.cache_schema import RESERVED_NAMES
 
     names = [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
     match = [n for n in names if n.lower() == str(value).lower()]

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from pipeline.cache import REJECTED_FILE, manifest_path, side_dir
 from pipeline.fingerprint import file_sha256
-from pipeline.schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
+from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
+from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 
 def _pair_ids(n, seed):

@@ -1,7 +1,7 @@
-"""refcache: offline reference log-prob cache for DPO (command-line entry point and shared bits)."""
+"""refcache: offline reference log-prob cache for DPO. This package is the top: the `refcache` command
+(refcache/cli.py) and `refcache demo`; the stages are pipeline/, dpo/ and queries/, and what they share is in
+refcache_base/."""
 
-__version__ = "0.1.0"
+from refcache_base import UserError, __version__
 
-
-class UserError(Exception):
-    """A problem with the user's input or settings. The CLI prints it as one line, no traceback."""
+__all__ = ["UserError", "__version__"]

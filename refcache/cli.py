@@ -10,7 +10,7 @@ import argparse
 import errno
 import sys
 
-from refcache import UserError, __version__, preempt
+from refcache_base import UserError, __version__, preempt
 
 DESCRIPTION = """Offline reference log-probs for DPO: score pairs once with the reference model (precompute),
 train DPO-family losses from that cache many times (train, sweep), and diagnose caches and runs with

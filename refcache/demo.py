@@ -18,10 +18,8 @@ DATA = ROOT / "data"
 
 def add_commands(sub) -> None:
     from pipeline.backends import BACKENDS
-    from refcache.cli import HelpFormatter
 
-    p = sub.add_parser("demo", help="run all stages on the embedded default", description=__doc__,
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("demo", help="run all stages on the embedded default", description=__doc__)
     p.add_argument("--out", default="out/demo", help="where caches, the run and the report go")
     # vLLM by default: the demo shows the production path (on a CPU `auto` would pick hf, see BENCHMARKS.md).
     p.add_argument("--backend", default="vllm", choices=["auto", *BACKENDS], help="stage-1 scoring backend")

@@ -27,10 +27,10 @@ from pipeline import cache
 from pipeline.cache import load_table, read_manifest
 from pipeline.data import pair_id
 from pipeline.precompute import format_summary, precompute
-from pipeline.schema import CACHE_SCHEMA, part_schema
 from pipeline.verify import verify
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.cache_schema import CACHE_SCHEMA, part_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = {"backend": "hf", "dtype": "float32", "progress": False}

@@ -9,10 +9,10 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from dpo.runlog_schema import TRL_METRICS
 from dpo.train import TrainConfig, train
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.runlog_schema import TRL_METRICS
 
 EVAL_NAMES = [n for n, col, _ in TRL_METRICS if col not in ("grad_norm", "lr")]
 

@@ -380,7 +380,7 @@ def test_shards_run_side_by_side(tmp_path, monkeypatch, data, tiny_model_dir, re
 def test_a_second_merge_is_refused(tmp_path, reference, capsys):
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
-    from refcache.lock import DirLock
+    from refcache_base.lock import DirLock
 
     with DirLock(out, "merge", name="merge"):
         assert "being written by another refcache merge" in one_line_error(["merge", out], capsys)

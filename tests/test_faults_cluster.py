@@ -23,7 +23,7 @@ import queries
 from pipeline.precompute import precompute
 from refcache import UserError
 from refcache.cli import main as cli_main
-from refcache.lock import DirLock
+from refcache_base.lock import DirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--probe-every", "2", "--probe-size", "8",
@@ -263,7 +263,7 @@ def test_lock_of_a_dead_node_is_taken_over_after_its_lease(tmp_path, capsys, mon
     DirLock(tmp_path, "precompute").acquire().release()
     assert "has not renewed it for" in capsys.readouterr().err
     # a held lock is renewed by its holder
-    monkeypatch.setattr("refcache.lock.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("refcache_base.lock.HEARTBEAT_S", 0.05)
     with DirLock(tmp_path, "train") as held:
         os.utime(held.path, (old, old))
         time.sleep(0.3)

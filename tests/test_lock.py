@@ -1,4 +1,4 @@
-"""refcache.lock.DirLock: one writer per directory; a second is refused; a dead holder's lock is taken over."""
+"""refcache_base.lock.DirLock: one writer per directory; a second is refused; a dead holder's lock is taken over."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from refcache import UserError
-from refcache.lock import DirLock
+from refcache_base.lock import DirLock
 
 
 def test_second_writer_refused_then_free(tmp_path):

@@ -19,9 +19,9 @@ from pipeline.cache import META_KEY, load_table, read_manifest, rejected_path
 from pipeline.data import Source, pair_id
 from pipeline.fingerprint import file_sha256, model_identity, tokenizer_identity
 from pipeline.precompute import precompute
-from pipeline.schema import REJECTED_SCHEMA, part_schema
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.cache_schema import REJECTED_SCHEMA, part_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"backend": "hf", "dtype": "float32", "limit": 48, "part_size": 2, "progress": False}  # 24 parts

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from dpo import losses as L
-from dpo.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 from dpo.train import TrainConfig, train
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 FAST = {"batch_size": 4, "lr": 1e-4, "warmup": 2, "probe_size": 8, "progress": False, "threads": 1}
 

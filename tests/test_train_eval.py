@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from dpo.runlog_schema import EVALS_SCHEMA
 from dpo.train import TrainConfig, train
+from refcache_base.runlog_schema import EVALS_SCHEMA
 
 
 def test_eval_pass_scores_the_whole_eval_cache(tmp_path, train_cache, eval_cache):

@@ -20,7 +20,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from refcache import UserError
+from refcache_base import UserError
 
 
 @dataclass(frozen=True)

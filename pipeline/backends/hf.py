@@ -15,7 +15,7 @@ import torch
 from pipeline.backends import Backend, Flag, register, torch_dtype
 from pipeline.ches import COMPUTED
 from pipeline.logps import bf16_matmul_native
-from refcache import UserError
+from refcache_base import UserError
 
 BATCH_SIZE = 16  # sequences per forward when not given
 

