@@ -16,7 +16,7 @@ Views (all read straight from the Parquet files, nothing is copied):
   view_sources   how many Parquet sources each view has (0 = empty view); attached: the dirs behind them
 
 plus the shared definitions in `_shared.sql`: macros token_edit_distance / rel_edit_distance / near_identical,
-the view probe_noise (step-0 float noise per run) and the table macro displaced(...).
+the view probe_noise (step-0 float noise per run) and the table macros probe_rows(...) and displaced(...).
 
 After the views are made the connection may only read files under the given directories
 (`enable_external_access = false`, `allowed_directories`) and its configuration is locked.
