@@ -9,7 +9,7 @@
 --     differs) = 0.03; " 94<eos>" vs " 115<eos>" = 0.75.
 -- near_identical(a, b)       rel_edit_distance(a, b) <= near_identical_max() = 0.1: at most one token in ten
 --     differs. The rule the diagnostics and findings use for "near-identical" pairs (on the embedded train set
---     it covers 20% of pairs; the older "shared prefix >= 50% or <= 3 tokens after it" rule covered 77%).
+--     it covers 20% of pairs).
 -- wilson_low(k, n, z), wilson_high(k, n, z)  Wilson score interval of a share k/n at z standard errors
 --     (z = 1.96: 95%); sound for small n and for shares near 0 or 1, unlike k/n +- z*sqrt(p(1-p)/n).
 --     NULL when n = 0.
