@@ -1,7 +1,7 @@
 """Benchmark: what checking a cache's parts (size + sha256 against the manifest) costs readers.
 
 Measures, on a real cache directory (`--cache`) or a synthetic one in the stage-1 schema (`--pairs N`, written
-by queries.synth.make_cache with long sequences, one part per 10,000 pairs):
+by tests/synth.py's make_cache with long sequences, one part per 10,000 pairs):
   full    pipeline.cache.check_parts(full=True): every part hashed (what verify, merge and resume do), in MB/s
   memo    check_parts() with the memo fresh: only stat() per part (what training and queries do)
   train   dpo.data.load_pairs (check + read the training columns)
@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # synth: the test fixture's caches
 
 from pipeline import cache
 
@@ -47,7 +48,7 @@ def main():
     if args.cache:
         d = Path(args.cache)
     else:
-        from queries.synth import make_cache
+        from synth import make_cache
 
         tmp = Path(tempfile.mkdtemp(prefix="cache_check-"))
         d = tmp / "cache"

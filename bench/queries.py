@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synth: the test fixture's logs
 
 import duckdb
 import polars as pl
+from synth import make_cache, make_run
 
 import queries
-from queries.synth import make_cache, make_run
 
 
 def layout(rows, n_runs, n_probe, probe_every, batch_size):

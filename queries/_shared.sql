@@ -9,7 +9,7 @@
 --     differs) = 0.03; " 94<eos>" vs " 115<eos>" = 0.75.
 -- near_identical(a, b)       rel_edit_distance(a, b) <= near_identical_max() = 0.1: at most one token in ten
 --     differs. The rule the diagnostics and findings use for "near-identical" pairs (on the embedded train set
---     it covers 20% of pairs; the older "shared prefix >= 50% or <= 3 tokens after it" rule covered 77%).
+--     it covers 20% of pairs).
 -- wilson_low(k, n, z), wilson_high(k, n, z)  Wilson score interval of a share k/n at z standard errors
 --     (z = 1.96: 95%); sound for small n and for shares near 0 or 1, unlike k/n +- z*sqrt(p(1-p)/n).
 --     NULL when n = 0.
@@ -22,6 +22,9 @@
 --     the largest |policy - reference| log-prob (chosen or rejected, nats), margin_noise = the largest |margin|,
 --     reward_noise = the largest |chosen or rejected reward|, over the step-0 probe rows. A run without step-0
 --     probes gets 0. A log-prob "moved" only when it moved by more than drift_noise.
+--
+-- probe_rows(probe_step, probe_split)  (table macro) the examples rows of the probes at probe step probe_step
+--     (-1 = each run's last probe step), split probe_split ('all', 'train', 'eval'); the columns of examples.
 --
 -- displaced(probe_step, probe_split, min_gain)  (table macro) probe pairs whose chosen log-prob fell below
 --     the reference by more than the run's drift_noise while the margin grew by more than
@@ -78,23 +81,25 @@ LEFT JOIN (
     GROUP BY run
 ) n USING (run);
 
+CREATE MACRO probe_rows(probe_step, probe_split) AS TABLE
+SELECT e.*
+FROM examples e
+JOIN (SELECT run, max(step) AS last_step FROM examples WHERE source = 'probe' GROUP BY run) b
+  ON e.run = b.run AND e.step = CASE WHEN probe_step < 0 THEN b.last_step ELSE probe_step END
+WHERE e.source = 'probe' AND (probe_split = 'all' OR e.split = probe_split);
+
 CREATE MACRO displaced(probe_step, probe_split, min_gain) AS TABLE
-WITH bounds AS (
-    SELECT run, min(step) AS first_step, max(step) AS last_step
-    FROM examples WHERE source = 'probe' GROUP BY run
-),
-now AS (
-    SELECT e.run, e.split, e.step, e.pair_id,
-           e.policy_chosen_logp - e.ref_chosen_logp AS chosen_drift,
-           e.policy_rejected_logp - e.ref_rejected_logp AS rejected_drift,
-           e.margin
-    FROM examples e JOIN bounds b
-      ON e.run = b.run AND e.step = CASE WHEN probe_step < 0 THEN b.last_step ELSE probe_step END
-    WHERE e.source = 'probe' AND (probe_split = 'all' OR e.split = probe_split)
+WITH now AS (
+    SELECT run, split, step, pair_id,
+           policy_chosen_logp - ref_chosen_logp AS chosen_drift,
+           policy_rejected_logp - ref_rejected_logp AS rejected_drift,
+           margin
+    FROM probe_rows(probe_step, probe_split)
 ),
 first AS (
     SELECT e.run, e.split, e.pair_id, e.margin
-    FROM examples e JOIN bounds b ON e.run = b.run AND e.step = b.first_step
+    FROM examples e
+    JOIN (SELECT run, min(step) AS step FROM examples WHERE source = 'probe' GROUP BY run) b USING (run, step)
     WHERE e.source = 'probe'
 )
 SELECT n.run, n.split, n.step, n.pair_id, n.chosen_drift, n.rejected_drift, n.margin,

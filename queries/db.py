@@ -16,7 +16,7 @@ Views (all read straight from the Parquet files, nothing is copied):
   view_sources   how many Parquet sources each view has (0 = empty view); attached: the dirs behind them
 
 plus the shared definitions in `_shared.sql`: macros token_edit_distance / rel_edit_distance / near_identical,
-the view probe_noise (step-0 float noise per run) and the table macro displaced(...).
+the view probe_noise (step-0 float noise per run) and the table macros probe_rows(...) and displaced(...).
 
 After the views are made the connection may only read files under the given directories
 (`enable_external_access = false`, `allowed_directories`) and its configuration is locked.
@@ -44,24 +44,27 @@ _DUCK_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGE
                pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN", pa.list_(pa.int32()): "INTEGER[]",
                pa.list_(pa.float32()): "FLOAT[]"}
 
-# `runs` view columns: name -> (keys tried in config.json, then summary.json, DuckDB type)
+# `runs` view columns: name -> (keys looked up (_lookup) in config.json, then in summary.json; DuckDB type).
+# The keys are those the writers use: `refcache train` (config.json: dpo/train.py, the TrainConfig fields plus
+# loss_params, total_steps, cache_fingerprint, ...; summary.json: dpo/runlog.py) and tests/synth.py (steps, not
+# total_steps; no cache_fingerprint).
 _RUN_FIELDS = {
-    "run_id": (("run_id", "name"), "VARCHAR"),
-    "loss": (("loss", "loss_type", "loss_name"), "VARCHAR"),
+    "run_id": (("run_id",), "VARCHAR"),
+    "loss": (("loss",), "VARCHAR"),
     "beta": (("beta",), "DOUBLE"),
     "label_smoothing": (("label_smoothing",), "DOUBLE"),
-    "lr": (("lr", "learning_rate"), "DOUBLE"),
+    "lr": (("lr",), "DOUBLE"),
     "batch_size": (("batch_size",), "BIGINT"),
-    "steps": (("total_steps", "steps", "max_steps"), "BIGINT"),
+    "steps": (("total_steps", "steps"), "BIGINT"),
     "epochs": (("epochs",), "DOUBLE"),
     "seed": (("seed",), "BIGINT"),
     "dtype": (("dtype",), "VARCHAR"),
-    "model": (("model", "model_path", "policy"), "VARCHAR"),
-    "cache": (("cache", "cache_path", "train_cache"), "VARCHAR"),
-    "eval_cache": (("eval_cache", "eval_cache_path"), "VARCHAR"),
-    "cache_fingerprint": (("manifest_sha256", "cache_fingerprint", "fingerprint"), "VARCHAR"),
+    "model": (("model",), "VARCHAR"),
+    "cache": (("cache",), "VARCHAR"),
+    "eval_cache": (("eval_cache",), "VARCHAR"),
+    "cache_fingerprint": (("manifest_sha256",), "VARCHAR"),
     "live_ref": (("live_ref",), "BOOLEAN"),
-    "final_loss": (("final_loss", "loss_final"), "DOUBLE"),
+    "final_loss": (("final_loss",), "DOUBLE"),
 }
 
 

@@ -23,16 +23,11 @@
 -- param: z = 1.96 [0, ] interval half-width in standard errors (1.96: 95%)
 -- param: alpha = 0.05 [0, 1] family-wise error rate of each run's tests (Holm)
 -- needs: examples, pairs
-WITH at_step AS (
-    SELECT run, CASE WHEN $step < 0 THEN max(step) ELSE $step END AS step
-    FROM examples WHERE source = 'probe' GROUP BY run
-),
-p AS (
+WITH p AS (
     SELECT e.run, e.split, e.step, e.pair_id,
            CASE WHEN abs(e.ref_chosen_logp - e.policy_chosen_logp) <= z.drift_noise THEN 0.0
                 ELSE e.ref_chosen_logp - e.policy_chosen_logp END AS chosen_drop
-    FROM examples e JOIN at_step USING (run, step) JOIN probe_noise z USING (run)
-    WHERE e.source = 'probe'
+    FROM probe_rows($step, 'all') e JOIN probe_noise z USING (run)
 ),
 info AS (
     SELECT pair_id, any_value(ln_ches) AS ln_ches, any_value(rel_edit_distance(chosen_ids, rejected_ids)) AS rel_edit,

@@ -31,17 +31,12 @@
 -- param: z = 1.96 [0, ] interval half-width in standard errors (1.96: 95%)
 -- param: alpha = 0.05 [0, 1] family-wise error rate of each run's tests (Holm)
 -- needs: examples
-WITH at_step AS (
-    SELECT run, CASE WHEN $step < 0 THEN max(step) ELSE $step END AS step
-    FROM examples WHERE source = 'probe' GROUP BY run
-),
-p AS (
+WITH p AS (
     SELECT e.run, e.split, e.step, e.pair_id, e.margin,
            e.policy_chosen_logp - e.ref_chosen_logp AS dc,
            e.policy_rejected_logp - e.ref_rejected_logp AS dr,
            z.drift_noise, z.margin_noise
-    FROM examples e JOIN at_step USING (run, step) JOIN probe_noise z USING (run)
-    WHERE e.source = 'probe'
+    FROM probe_rows($step, 'all') e JOIN probe_noise z USING (run)
 ),
 means AS (
     SELECT run, split, any_value(step) AS step, metric, count(*) AS n, avg(v) AS estimate,

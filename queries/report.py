@@ -237,9 +237,8 @@ def _plot_margin(drift, coll, runs, out_dir):
 
 def _plot_length(con, length, runs, out_dir):
     pts = con.sql(
-        """WITH last AS (SELECT run, max(step) AS step FROM examples WHERE source = 'probe' GROUP BY run)
-           SELECT e.run, e.split, e.margin, e.chosen_len - e.rejected_len AS length_diff
-           FROM examples e JOIN last USING (run, step) WHERE e.source = 'probe'""").pl()
+        """SELECT run, split, margin, chosen_len - rejected_len AS length_diff
+           FROM probe_rows(-1, 'all')""").pl()
     fig, axes = _figure(2)
     colours = _split_colours(runs)
     for run in runs:

@@ -21,10 +21,7 @@
 -- param: step = -1 [-1, ] probe step; -1 = each run's last probe step
 -- param: split = 'all' {all, train, eval} which probe pairs
 -- needs: examples, pairs
-WITH bounds AS (
-    SELECT run, max(step) AS last_step FROM examples WHERE source = 'probe' GROUP BY run
-),
-info AS (
+WITH info AS (
     SELECT pair_id, any_value($by) AS value, avg(ln_ches) AS ln_ches FROM pairs GROUP BY pair_id
 ),
 now AS (
@@ -34,12 +31,10 @@ now AS (
            e.margin, i.value, i.ln_ches,
            d.pair_id IS NOT NULL AS displaced,
            z.drift_noise
-    FROM examples e
-    JOIN bounds b ON e.run = b.run AND e.step = CASE WHEN $step < 0 THEN b.last_step ELSE $step END
+    FROM probe_rows($step, $split) e
     JOIN probe_noise z ON z.run = e.run
     LEFT JOIN info i ON i.pair_id = e.pair_id
     LEFT JOIN displaced($step, $split, 0.0) d ON d.run = e.run AND d.split = e.split AND d.pair_id = e.pair_id
-    WHERE e.source = 'probe' AND ($split = 'all' OR e.split = $split)
 ),
 binned AS (
     SELECT *,

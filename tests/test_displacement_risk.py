@@ -36,7 +36,7 @@ def test_displacement_risk_ranks_a_fresh_cache(train_cache):
 
 
 def test_displacement_risk_without_ches_is_one_line(tmp_path):
-    from queries.synth import make_world
+    from synth import make_world
 
     world = make_world(tmp_path)  # a schema-2 cache whose backend wrote no CHES
     with pytest.raises(UserError, match="needs CHES scores: .*no CHES in this cache: built with the synthetic "

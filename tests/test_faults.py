@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import one_line_error
 
 import queries
 from dpo import data as D
@@ -72,16 +73,6 @@ def assert_same_cache(a, b):
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     rej = [pq.read_table(Path(d) / "__refcache__" / "rejected_rows.parquet") for d in (a, b)]
     assert rej[0].equals(rej[1])
-
-
-def one_line_error(argv, capsys) -> str:
-    """Run the CLI in this process; it must fail with exactly one line on stderr. Returns that line."""
-    capsys.readouterr()
-    rc = cli_main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def flip_bit(path, where=0.4):
@@ -170,7 +161,7 @@ def refused_everywhere(cache_dir, tmp_path, capsys, needle):
                  ["query", "cache_overview", "--cache", cache_dir],
                  ["sql", "SELECT count(*) FROM pairs", "--cache", cache_dir],
                  ["verify", cache_dir, "--sample", 2]):
-        assert needle in one_line_error(argv, capsys), argv
+        assert needle in one_line_error(capsys, argv), argv
 
 
 def test_bit_flip_is_refused_then_recomputed_not_blessed(tmp_path, data, tiny_model_dir, scorer, reference, capsys):
@@ -230,7 +221,7 @@ def test_extra_part_is_refused_not_counted(tmp_path, reference, capsys):
     shutil.copytree(reference, out)
     shutil.copy(out / "part-00000.parquet", out / "part-00003.parquet")
     refused_everywhere(out, tmp_path, capsys, "part-00003.parquet: a part file the manifest does not list")
-    assert "part-00003.parquet: not a part of this cache" in one_line_error(["merge", out], capsys)
+    assert "part-00003.parquet: not a part of this cache" in one_line_error(capsys, ["merge", out])
 
 
 def test_verify_checks_every_pairs_sums_and_lengths(tmp_path, data, tiny_model_dir, scorer, reference, capsys):
@@ -249,7 +240,7 @@ def test_verify_checks_every_pairs_sums_and_lengths(tmp_path, data, tiny_model_d
     m["shards"][1].update(sha256=file_sha256(part), bytes=part.stat().st_size)
     (out / "__refcache__" / "manifest.json").write_text(json.dumps(m))
     src = t.column("source_index")[2].as_py()
-    err = one_line_error(["verify", out, "--sample", 1], capsys)
+    err = one_line_error(capsys, ["verify", out, "--sample", 1])
     assert f"source_index {src}: stored ref_chosen_logp" in err and "is not the sum of its" in err
     # precompute knows the sum it wrote: the part is recomputed, the manifest corrected
     build(data, tiny_model_dir, out, scorer)
@@ -263,7 +254,7 @@ def test_verify_checks_every_pairs_sums_and_lengths(tmp_path, data, tiny_model_d
     m = json.loads((out / "__refcache__" / "manifest.json").read_text())
     m["shards"][1].update(sha256=file_sha256(part), bytes=part.stat().st_size)
     (out / "__refcache__" / "manifest.json").write_text(json.dumps(m))
-    assert "rejected_len" in one_line_error(["verify", out, "--sample", 1], capsys)
+    assert "rejected_len" in one_line_error(capsys, ["verify", out, "--sample", 1])
 
 
 # ---------------------------------------------------------------- concurrent writers
@@ -323,10 +314,10 @@ def test_second_writer_with_other_settings_is_refused_first_finishes(tmp_path, d
     first, release = start_held(tmp_path, "fp32", data=data, model=tiny_model_dir, out=out, backend="hf",
                                 dtype="float32", part_size=PART)
     try:
-        err = one_line_error(["precompute", data, "--model", tiny_model_dir, "--out", out, "--backend", "hf",
-                              "--dtype", "bfloat16", "--part-size", PART, "--no-progress"], capsys)
+        err = one_line_error(capsys, ["precompute", data, "--model", tiny_model_dir, "--out", out, "--backend",
+                                      "hf", "--dtype", "bfloat16", "--part-size", PART, "--no-progress"])
         assert f"{out} is being written by another refcache precompute (pid {first.pid}" in err
-        assert "no finished shard" in one_line_error(["merge", out], capsys)  # nothing to merge yet
+        assert "no finished shard" in one_line_error(capsys, ["merge", out])  # nothing to merge yet
     finally:
         summary = finish(first, release)
     assert summary["complete"] and summary["dtype"] == "float32"
@@ -383,7 +374,7 @@ def test_a_second_merge_is_refused(tmp_path, reference, capsys):
     from refcache_base.lock import DirLock
 
     with DirLock(out, "merge", name="merge"):
-        assert "being written by another refcache merge" in one_line_error(["merge", out], capsys)
+        assert "being written by another refcache merge" in one_line_error(capsys, ["merge", out])
     assert cli_main(["merge", str(out)]) == 0
 
 
@@ -476,7 +467,7 @@ def test_os_errors_are_one_line(monkeypatch, capsys):
     for error in (OSError(28, "No space left on device"),
                   RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")):
         monkeypatch.setattr(pipeline_cli, "run_merge", lambda args, e=error: (_ for _ in ()).throw(e))
-        err = one_line_error(["merge", "somewhere"], capsys)
+        err = one_line_error(capsys, ["merge", "somewhere"])
         assert "disk full" in err and "free space and re-run to resume" in err
 
 
@@ -640,8 +631,8 @@ BAD_ARGS = [("--max-prompt-length", "-5"), ("--max-length", "1"), ("--batch-size
 @pytest.mark.parametrize("flag,value", BAD_ARGS)
 def test_numeric_arguments_are_checked_before_any_work(tmp_path, capsys, data, tiny_model_dir, flag, value):
     out = tmp_path / "cache"
-    err = one_line_error(["precompute", data, "--model", tiny_model_dir, "--out", out, "--backend", "hf",
-                          "--part-size", PART, f"{flag}={value}"], capsys)
+    err = one_line_error(capsys, ["precompute", data, "--model", tiny_model_dir, "--out", out, "--backend", "hf",
+                                  "--part-size", PART, f"{flag}={value}"])
     assert f"{flag} {value}: must be " in err, err
     assert not out.exists()  # refused before anything was made
 
@@ -660,5 +651,5 @@ def test_python_api_gets_the_same_checks(tmp_path, data, tiny_model_dir):
                                         ("--tolerance", "-1"), ("--rtol", "inf"), ("--rtol", "-0.1"),
                                         ("--beta", "nan"), ("--beta", "0")])
 def test_verify_arguments_are_checked_first(tmp_path, capsys, flag, value):
-    err = one_line_error(["verify", tmp_path / "no-cache", f"{flag}={value}"], capsys)
+    err = one_line_error(capsys, ["verify", tmp_path / "no-cache", f"{flag}={value}"])
     assert f"error: {flag} {value}" in err and "must be" in err, err

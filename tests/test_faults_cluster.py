@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import one_line_error
 
 import queries
 from pipeline.precompute import precompute
@@ -29,13 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--probe-every", "2", "--probe-size", "8",
         "--threads", "1", "--no-progress", "--checkpoint-every", "2"]
 KW = {"backend": "hf", "dtype": "float32", "progress": False}
-
-
-def one_line_error(capsys, argv) -> str:
-    rc = cli_main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def tree_digest(d: Path) -> str:

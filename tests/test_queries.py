@@ -1,5 +1,5 @@
 """Each named diagnostic's SQL result equals the same numbers computed independently with Polars from the
-Parquet logs, on synthetic logs (queries/synth.py) whose structure is known."""
+Parquet logs, on synthetic logs (tests/synth.py) whose structure is known."""
 
 import math
 
@@ -7,9 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 from oracles import levenshtein
+from synth import make_world
 
 import queries
-from queries.synth import make_world
 
 TOL = 1e-9
 

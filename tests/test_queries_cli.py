@@ -10,10 +10,10 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from synth import make_world
 
 import queries
 from queries import cli
-from queries.synth import make_world
 from refcache import UserError
 
 

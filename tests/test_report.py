@@ -11,11 +11,11 @@ import struct
 
 import polars as pl
 import pytest
+from synth import make_world
 
 import queries
 from queries import cli
 from queries.report import write_report
-from queries.synth import make_world
 
 PLOTS = ["steps.png", "drift.png", "shares.png", "margin_accuracy.png", "length.png"]
 

@@ -5,6 +5,7 @@ import json
 import types
 
 import pyarrow.parquet as pq
+from helpers import one_line_error
 
 from dpo.config import SWEEP_FIELDS
 from dpo.sweep import sweep_runs
@@ -12,13 +13,6 @@ from refcache.cli import main as cli_main
 
 FLAGS = ["--steps", "2", "--batch-size", "4", "--probe-every", "0", "--probe-size", "4", "--threads", "1",
          "--no-progress"]
-
-
-def _one_line_error(capsys, argv) -> str:
-    rc = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def _args(**given):
@@ -53,7 +47,7 @@ def test_changed_lr_is_refused_not_shown_as_done(tmp_path, capsys, train_cache):
     capsys.readouterr()
 
     # the bug: this printed "already finished, skipped" and the lr=1e-4 results
-    err = _one_line_error(capsys, [*base, "--lr", "1e-5"])
+    err = one_line_error(capsys, [*base, "--lr", "1e-5"])
     assert "sigmoid-beta0.1 was trained with other settings than asked (lr: 0.0001 then, 1e-05 now)" in err, err
     assert "(and 1 more of the 2 runs)" in err and "sweep into a new --out" in err
     for b in ("0.1", "0.2"):  # nothing trained, nothing removed
@@ -78,20 +72,20 @@ def test_started_run_with_other_settings_is_refused_before_any_training(tmp_path
                      *FLAGS]) == 0
     (out / "summary.json").unlink()  # as if killed after its last checkpoint
     capsys.readouterr()
-    err = _one_line_error(capsys, ["sweep", "--cache", str(train_cache), "--out", str(tmp_path), "--beta", "0.1,0.2",
-                                   *FLAGS])
+    err = one_line_error(capsys, ["sweep", "--cache", str(train_cache), "--out", str(tmp_path), "--beta", "0.1,0.2",
+                                  *FLAGS])
     assert "sigmoid-beta0.2 was trained with other settings than asked (seed: 3 then, 0 now)" in err, err
     assert not (tmp_path / "sigmoid-beta0.1").exists()
 
 
 def test_bad_lists_are_one_line_errors(tmp_path, capsys, train_cache):
     base = ["sweep", "--cache", str(train_cache), "--out", str(tmp_path), *FLAGS]
-    assert "--lr '1e-4,x': expected comma-separated numbers" in _one_line_error(
+    assert "--lr '1e-4,x': expected comma-separated numbers" in one_line_error(
         capsys, [*base, "--beta", "0.1", "--lr", "1e-4,x"])
-    assert "--seed '1.5': expected comma-separated numbers like 1,2,3" in _one_line_error(
+    assert "--seed '1.5': expected comma-separated numbers like 1,2,3" in one_line_error(
         capsys, [*base, "--beta", "0.1", "--seed", "1.5"])
-    assert "--beta ',': give at least one value" in _one_line_error(capsys, [*base, "--beta", ","])
-    assert "unknown loss 'dpo2'" in _one_line_error(capsys, [*base, "--beta", "0.1", "--loss", "sigmoid,dpo2"])
-    assert "--lr must be a number >= 0 (got -1.0)" in _one_line_error(capsys, [*base, "--beta", "0.1", "--lr",
-                                                                                       "1e-4,-1"])
+    assert "--beta ',': give at least one value" in one_line_error(capsys, [*base, "--beta", ","])
+    assert "unknown loss 'dpo2'" in one_line_error(capsys, [*base, "--beta", "0.1", "--loss", "sigmoid,dpo2"])
+    assert "--lr must be a number >= 0 (got -1.0)" in one_line_error(capsys, [*base, "--beta", "0.1", "--lr",
+                                                                                      "1e-4,-1"])
     assert not any(tmp_path.iterdir())

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import one_line_error
 
 from dpo import losses as L
 from dpo.train import TrainConfig, train
@@ -229,27 +230,20 @@ def test_manifest_mismatch_refused(tmp_path, tiny_model_dir, caches):
         train(TrainConfig(cache=train_cache, out=str(tmp_path / "run2"), model=tok, steps=1, **FAST))
 
 
-def _one_line_error(capsys, argv):
-    rc = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_cli_one_line_errors(capsys, tmp_path, caches):
     train_cache = caches[0]
     not_cache = tmp_path / "not-a-cache"
     not_cache.mkdir()
-    assert "not a cache directory" in _one_line_error(
+    assert "not a cache directory" in one_line_error(
         capsys, ["train", "--cache", str(not_cache), "--out", str(tmp_path / "r")]
     )
-    assert "no such directory" in _one_line_error(
+    assert "no such directory" in one_line_error(
         capsys, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
     )
-    assert "unknown loss 'dpo2'" in _one_line_error(
+    assert "unknown loss 'dpo2'" in one_line_error(
         capsys, ["train", "--cache", train_cache, "--out", str(tmp_path / "r"), "--loss", "dpo2"]
     )
-    assert "exo_pair" in _one_line_error(
+    assert "exo_pair" in one_line_error(
         capsys,
         [
             "train",
@@ -263,7 +257,7 @@ def test_cli_one_line_errors(capsys, tmp_path, caches):
             "0",
         ],
     )
-    assert "multiple" in _one_line_error(
+    assert "multiple" in one_line_error(
         capsys,
         [
             "train",
@@ -280,10 +274,10 @@ def test_cli_one_line_errors(capsys, tmp_path, caches):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
-    assert "--resume" in _one_line_error(
+    assert "--resume" in one_line_error(
         capsys, ["train", "--cache", train_cache, "--out", str(busy), "--steps", "1"]
     )
-    assert "comma-separated" in _one_line_error(
+    assert "comma-separated" in one_line_error(
         capsys, ["sweep", "--cache", train_cache, "--out", str(tmp_path / "s"), "--beta", "0.1,abc"]
     )
     assert not (tmp_path / "r").exists()

@@ -14,6 +14,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import one_line_error
 
 from dpo import losses as L
 from dpo.config import TrainConfig, validate
@@ -47,18 +48,11 @@ BAD_VALUES = [
 ]
 
 
-def _one_line_error(capsys, argv):
-    rc = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("flag,value,message", BAD_VALUES)
 def test_bad_value_refused_before_any_work(capsys, tmp_path, train_cache, flag, value, message):
     out = tmp_path / "run"
     args = FAST[2:] if flag == "--epochs" else FAST  # --steps and --epochs exclude each other
-    err = _one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), *args, flag, value])
+    err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), *args, flag, value])
     assert message in err, err
     assert not out.exists()  # refused before the run directory was made
     # the Python API says the same
@@ -122,8 +116,8 @@ def test_out_pointing_at_a_model_directory_is_refused_untouched(capsys, tmp_path
     model = tmp_path / "my-model"
     shutil.copytree(tiny_model_dir, model)
     before = _tree_digest(model)
-    err = _one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(model), *FAST,
-                                   *(["--resume"] if resume else [])])
+    err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(model), *FAST,
+                                  *(["--resume"] if resume else [])])
     assert "not a refcache run" in err and "--resume" in err
     assert _tree_digest(model) == before and sorted(os.listdir(model)) == sorted(os.listdir(tiny_model_dir))
 
@@ -186,7 +180,7 @@ def test_second_writer_refused(capsys, tmp_path, train_cache):
         while not (out / "steps.parquet").exists() and not (out / "examples").exists() and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None
-        err = _one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), *FAST, "--resume"])
+        err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), *FAST, "--resume"])
         assert "being written by another refcache train" in err and str(first.pid) in err
     finally:
         first.send_signal(signal.SIGKILL)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import one_line_error
 
 from dpo import data as D
 from dpo.train import TrainConfig, train
@@ -17,13 +18,6 @@ from refcache.cli import main as cli_main
 FLAGS = ["--batch-size", "4", "--lr", "1e-4", "--probe-every", "0", "--probe-size", "8", "--threads", "1",
          "--no-progress"]
 ARGS = ["--steps", "3", *FLAGS]
-
-
-def _one_line_error(capsys, argv) -> str:
-    rc = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def _sql(cache, sql):
@@ -53,8 +47,8 @@ def test_where_trains_exactly_the_kept_pairs(tmp_path, capsys, train_cache):
                                   "pair_ids_sha256": hashlib.sha256("\n".join(sorted(kept)).encode()).hexdigest()}
 
     # a resume with another predicate is refused like any other changed setting
-    err = _one_line_error(capsys, ["train", "--cache", cache, "--out", str(out), "--where", "true", "--resume",
-                                   *ARGS])
+    err = one_line_error(capsys, ["train", "--cache", cache, "--out", str(out), "--where", "true", "--resume",
+                                  *ARGS])
     assert "different settings" in err and "where" in err
 
 
@@ -84,15 +78,15 @@ def test_subset_pairs_equal_the_cache_rows(train_cache):
 ])
 def test_bad_predicates_are_one_line_errors(tmp_path, capsys, train_cache, where, message):
     out = tmp_path / "run"
-    err = _one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), "--where", where, *ARGS])
+    err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(out), "--where", where, *ARGS])
     assert message in err, err
     assert not out.exists()
 
 
 def test_fewer_kept_pairs_than_a_batch_says_what_to_pass(tmp_path, capsys, train_cache):
     where = "source_index < 3"
-    err = _one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(tmp_path / "r"), "--where",
-                                   where, *ARGS])
+    err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(tmp_path / "r"), "--where",
+                                  where, *ARGS])
     assert "3 pairs (kept by --where) are fewer than --batch-size 4; pass --batch-size 3 or less" in err
 
 
@@ -106,8 +100,8 @@ def test_sweep_takes_where(tmp_path, capsys, train_cache):
         assert cfg["where"] == where and cfg["train_pairs"] == n
     capsys.readouterr()
     # the same sweep without --where asks for other settings: refused before anything trains
-    err = _one_line_error(capsys, ["sweep", "--cache", str(train_cache), "--out", str(tmp_path), "--beta", "0.1,0.2",
-                                   *ARGS])
+    err = one_line_error(capsys, ["sweep", "--cache", str(train_cache), "--out", str(tmp_path), "--beta", "0.1,0.2",
+                                  *ARGS])
     assert """other settings than asked (where: "category = 'arith'" then, None now)""" in err, err
     assert "(and 1 more of the 2 runs)" in err and "new --out" in err
 

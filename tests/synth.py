@@ -1,7 +1,8 @@
 """Synthetic caches and run logs with known structure, written in the exact stage-1/stage-2 schemas.
 
-Used by the tests (small logs whose diagnostics can be checked by hand) and by `bench/queries.py`
-(10 million example rows). No model is involved: token ids and log-probs are random numbers shaped like
+Used by the tests (small logs whose diagnostics can be checked by hand; import it as `synth`, as pytest puts
+tests/ on sys.path) and by `bench/queries.py` (10 million example rows) and `bench/cache_check.py`, which put
+tests/ on sys.path themselves. No model is involved: token ids and log-probs are random numbers shaped like
 real ones, and the policy trajectories follow a simple model with the failure modes the diagnostics look for:
 
 - near-identical pairs (32+ tokens, all but the last one or two shared) see their chosen log-prob fall while
