@@ -33,7 +33,6 @@ from refcache_base.runlog_schema import TRL_METRICS
 STYLE = {"train": "-", "eval": "--"}
 SPLIT_WORDS = {"train": "train probes (pairs trained on)", "eval": "eval probes (held out)"}
 STEP_LABEL = "optimizer step"
-TRL_CURVES = TRL_METRICS  # (TRL name, steps.parquet column, y-axis unit): refcache_base/runlog_schema.py
 SHARED_Y = [("rewards/chosen", "rewards/rejected"), ("logps/chosen", "logps/rejected")]
 
 
@@ -130,7 +129,7 @@ def _figure(ncols, nrows=1, height=3.9, **kw):
 def _plot_steps(steps, drift, runs, out_dir):
     """The per-step curves TRL users look at first, one panel per TRL metric name, a colour per run."""
     fig, axes = _figure(3, 3, height=2.9)
-    panel = {name: ax for (name, _, _), ax in zip(TRL_CURVES, axes)}
+    panel = {name: ax for (name, _, _), ax in zip(TRL_METRICS, axes)}
     for a, b in SHARED_Y:
         panel[b].sharey(panel[a])
     colours = _split_colours(runs)
@@ -141,7 +140,7 @@ def _plot_steps(steps, drift, runs, out_dir):
         if s.height:
             w = max(1, s.height // 40)
             x = s["step"].to_numpy()
-            for name, col, _ in TRL_CURVES:
+            for name, col, _ in TRL_METRICS:
                 ax, y = panel[name], s[col]
                 if col != "lr":
                     ax.plot(x, y.to_numpy(), color=c, lw=0.6, alpha=0.25)
@@ -158,7 +157,7 @@ def _plot_steps(steps, drift, runs, out_dir):
     if peaks.len() > 1 and peaks.min() > 0 and peaks.max() > 20 * peaks.min():  # very different lr: log scale
         panel["learning_rate"].set_yscale("log")
         panel["learning_rate"].set_ylim(peaks.min() / 100, peaks.max() * 2)  # not down to the schedule's 0
-    for (name, _, unit), ax in zip(TRL_CURVES, axes):
+    for (name, _, unit), ax in zip(TRL_METRICS, axes):
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(unit)
         _steps_axis(ax)

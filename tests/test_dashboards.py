@@ -213,7 +213,7 @@ def test_one_metric_table():
     from dpo import dashboards
     from queries import report
 
-    assert report.TRL_CURVES is TRL_METRICS
+    assert report.TRL_METRICS is TRL_METRICS
     row = {col: float(i) for i, (_, col, _) in enumerate(TRL_METRICS)}
     assert dashboards.step_tags(row) == {f"train/{n}": float(i) for i, (n, _, _) in enumerate(TRL_METRICS)}
     assert set(dashboards.eval_tags(row)) == {f"eval/{n}" for n in EVAL_NAMES}
