@@ -15,7 +15,7 @@ import torch
 from dpo import parallel
 from dpo.model import load_trainable, trainable_state
 from refcache_base import UserError
-from refcache_base.files import save_torch
+from refcache_base.files import save_torch, swap_dir
 
 
 def listed(out: str) -> list:
@@ -65,10 +65,7 @@ def _save_sharded(run, state: dict, path: str):
     world.barrier()
     if world.master:
         save_torch(state, os.path.join(tmp, "trainer.pt"))
-        if os.path.isdir(path):  # the final checkpoint again, after a resume from it
-            os.replace(path, path + ".old")
-        os.replace(tmp, path)
-        shutil.rmtree(path + ".old", ignore_errors=True)
+        swap_dir(tmp, path)  # over an existing one: the final checkpoint again, after a resume from it
 
 
 def resume(run) -> dict:

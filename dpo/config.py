@@ -134,6 +134,11 @@ def scalar_type(name: str):
     return next((k for k in (int, float) if t in (k, k | None)), str)
 
 
+def check_loss(name):
+    if name not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """A checked copy of `cfg` (paths as str). Raises UserError with one line naming the flag and what is allowed;
     nothing has been read or written yet."""
@@ -141,17 +146,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for k in PATHS:  # accept pathlib.Path too
         if getattr(cfg, k) is not None:
             setattr(cfg, k, os.fspath(getattr(cfg, k)))
+    check_loss(cfg.loss)
     for k, choices in CHOICES.items():
         if getattr(cfg, k) not in choices:
-            raise UserError(f"{flag(k)} {getattr(cfg, k)!r} is not one of: {', '.join(choices)}"
-                            if k != "loss" else f"unknown loss {cfg.loss!r}; choose one of: {', '.join(choices)}")
+            raise UserError(f"{flag(k)} {getattr(cfg, k)!r} is not one of: {', '.join(choices)}")
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for k, spec in LIMITS.items():
         v = getattr(cfg, k)
         if v is None and "None" in str(types[k]):
             continue
         integer = types[k] in (int, int | None)
-        if (integer and (not isinstance(v, int) or isinstance(v, bool))) or not limits.within(v, spec):
+        if not limits.inside(v, spec, whole=integer):
             kind = "an integer" if integer else "a number"
             raise UserError(f"{flag(k)} must be {kind} {limits.describe(spec)} (got {v!r})")
     if cfg.steps is not None and cfg.epochs is not None:

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.cache import content_id, manifest_path
 from refcache_base import UserError
+from refcache_base.files import swap_dir
 
 
 def load_causal_lm(path):
@@ -70,8 +71,7 @@ def write_hf_model(model, source_dir, out_dir):
             ("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template", "added_tokens")
         ) or f.endswith(".model"):
             shutil.copy2(os.path.join(source_dir, f), os.path.join(tmp, f))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    swap_dir(tmp, out_dir)
 
 
 def trainable_state(model):

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 
@@ -29,7 +30,8 @@ from refcache_base.lock import LOCK_PREFIX, DirLock
 
 RUN_KIND = "refcache-run"
 OWN_ENTRIES = ("config.json", "steps.parquet", "evals.parquet", "summary.json", "examples", "checkpoints",
-               "final", "final.tmp", "tensorboard", "wandb")
+               "final", "final.tmp", "final.old", "tensorboard", "wandb")
+CONFIG_TMP = re.compile(r"\.config\.json\.\d+\.tmp|config\.json\.tmp")  # config.json being written (atomic_write)
 
 
 def read_run_config(out: str) -> dict | None:
@@ -54,14 +56,15 @@ def _state(out: str) -> str:
     if read_run_config(out) is not None:
         return "run"
     examples = os.path.join(out, "examples")
-    if names <= {"config.json.tmp", "examples"} and not (os.path.isdir(examples) and os.listdir(examples)):
+    if all(n == "examples" or CONFIG_TMP.fullmatch(n) for n in names) and \
+            not (os.path.isdir(examples) and os.listdir(examples)):
         return "half"
     return "foreign"
 
 
 def _remove_own(out: str):
     """Remove what refcache train writes into a run directory, and nothing else."""
-    for name in OWN_ENTRIES + ("config.json.tmp",):
+    for name in OWN_ENTRIES + tuple(n for n in os.listdir(out) if CONFIG_TMP.fullmatch(n)):
         path = os.path.join(out, name)
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -11,8 +11,8 @@ import json
 import os
 
 from dpo.cli import check_cache, config_from
-from dpo.config import SWEEP_FIELDS, flag, scalar_type, validate
-from dpo.losses import LOSSES, PARAMS, loss_params
+from dpo.config import SWEEP_FIELDS, check_loss, flag, scalar_type, validate
+from dpo.losses import PARAMS, loss_params
 from refcache_base import UserError
 
 
@@ -57,8 +57,7 @@ def sweep_runs(args) -> list:
     the run's loss does not take is left out (so `--loss sigmoid,simpo --simpo-gamma 0.5,1` is 3 runs, not 4)."""
     grid = {f: _values(args, f) for f in SWEEP_FIELDS}
     for name in grid["loss"]:
-        if name not in LOSSES:
-            raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+        check_loss(name)
     varying = [f for f in SWEEP_FIELDS if f not in ("loss", "beta") and len(grid[f]) > 1]
     runs = {}
     for combo in itertools.product(*grid.values()):

@@ -42,6 +42,18 @@ def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def swap_dir(tmp, path):
+    """Put the finished folder `tmp` in place of the folder `path`: the old one is moved aside first and removed
+    after, so `path` is at every moment the old folder or the whole new one (or, after a kill between the two
+    renames, absent with PATH.old beside it)."""
+    path, old = str(path), str(path) + ".old"
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_torch(obj, path):
     """torch.save to a temp file, fsync, rename. A failed write (torch reports a full disk as a RuntimeError)
     becomes the OSError the command line turns into its disk-full line, and the temp file is removed."""
