@@ -48,7 +48,7 @@ import matmul
 import workload as wl
 
 PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "fsdp_memory", "trl_live", "sweep_refcache",
-          "sweep_trl", "queries", "streaming", "real"]
+          "sweep_trl", "queries", "streaming", "real", "real_fsdp_memory"]
 BEGIN, END = "<!-- BEGIN bench/run.py results -->", "<!-- END bench/run.py results -->"
 
 # (key, target operator, target value, what it is)
@@ -66,6 +66,8 @@ TARGETS = [
     ("stream_peak_rss_200k_over_20k", "<=", 1.25, "precompute peak RSS at 200k pairs / at 20k pairs (flat memory)"),
     ("fsdp2_over_ddp_peak_rss_per_rank", "<=", 0.7,
      "training peak RSS of the largest rank: 2x FSDP2 / 2x DDP (fp32, activation checkpointing)"),
+    ("real_fsdp2_over_ddp_peak_rss_per_rank", "<=", 0.7,
+     "the same on SmolLM2-135M, where the model state is most of a process"),
 ]
 
 
@@ -260,6 +262,15 @@ def piece_fsdp_memory(ctx):
             "--work", ctx["work"] / "fsdp_memory", "--json", ctx["res"] / "fsdp_memory.json",
             "--grad-checkpointing"]  # as FSDP runs are set up to save memory; the same for all three
     run_piece("fsdp_memory", argv, ctx["res"], s["timeout_s"])
+
+
+def piece_real_fsdp_memory(ctx):
+    """fsdp_memory on SmolLM2-135M (data/smollm2) and its chat pairs: the model state is most of the process."""
+    argv = [py(), BENCH / "fsdp_memory.py", "--model", ROOT / "data" / "smollm2",
+            "--data", ROOT / "data" / "prefs" / "real" / "ultrafeedback.jsonl", "--pairs", 64, "--steps", 4,
+            "--batch-size", 4, "--max-length", 512, "--work", ctx["work"] / "real_fsdp_memory",
+            "--json", ctx["res"] / "real_fsdp_memory.json", "--grad-checkpointing"]
+    run_piece("real_fsdp_memory", argv, ctx["res"], ctx["s"]["timeout_s"])
 
 
 def piece_sweep_refcache(ctx):
@@ -507,6 +518,9 @@ def merge(res, s, status):
     fm = load(res, "fsdp_memory")
     raw["fsdp_memory"] = fm
     figs["fsdp2_over_ddp_peak_rss_per_rank"] = fm and fm["fsdp2_over_ddp_peak_rss_per_rank"]
+    rfm = load(res, "real_fsdp_memory")
+    raw["real_fsdp_memory"] = rfm
+    figs["real_fsdp2_over_ddp_peak_rss_per_rank"] = rfm and rfm["fsdp2_over_ddp_peak_rss_per_rank"]
 
     # Sweep
     sw_r, sw_t = load(res, "sweep_refcache"), load(res, "sweep_trl")
@@ -705,7 +719,7 @@ STEPS = {"workload": piece_workload, "matmul": piece_matmul, "stage1": piece_sta
          "trl_precompute": piece_trl_precompute, "train": piece_train, "fsdp_memory": piece_fsdp_memory,
          "trl_live": piece_trl_live,
          "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries,
-         "streaming": piece_streaming, "real": piece_real}
+         "streaming": piece_streaming, "real": piece_real, "real_fsdp_memory": piece_real_fsdp_memory}
 
 
 def main():
@@ -742,7 +756,7 @@ def main():
     for name in todo:
         t = time.perf_counter()
         try:
-            if name not in ("workload", "streaming", "real") and ctx["w"] is None:  # these make their own pairs
+            if name not in ("workload", "streaming", "real", "real_fsdp_memory") and ctx["w"] is None:  # these make their own pairs
                 ctx["w"] = workload_record(quick)
             STEPS[name](ctx)
             status[name] = {"ok": True, "seconds": time.perf_counter() - t}
