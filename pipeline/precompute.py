@@ -11,6 +11,7 @@ A row that cannot be used (any error while reading, normalizing or tokenizing it
 reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -56,7 +57,7 @@ def parse_shard(shard):
 # precompute's own numeric arguments, all whole numbers: allowed values (refcache_base/limits.py); None means unset
 # (part_size excepted). The backends' numeric settings carry theirs (Flag.limits).
 WHOLE_ARGS = {"max_length": "[2, inf)", "max_prompt_length": "[1, inf)", "batch_size": "[1, inf)",
-              "part_size": "[1, inf)", "limit": "[1, inf)"}
+              "part_size": "[1, inf)", "limit": "[1, inf)", "ray_actors": "[1, inf)"}
 
 
 def check_arguments(args: dict):
@@ -73,6 +74,19 @@ def check_arguments(args: dict):
             shown = f"{v:g}" if kind is not int and isinstance(v, float) else v
             raise UserError(f"{flag} {shown}: must be {allowed(spec, whole=kind is int)}{also}")
     parse_shard(args.get("shard"))
+    check_ray(args)
+
+
+def check_ray(args: dict):
+    """--ray goes with neither --shard (Ray spreads the parts itself) nor a caller's scorer; --ray-actors needs it."""
+    on = args.get("ray") not in (None, False)
+    if on and args.get("shard") is not None:
+        raise UserError("--ray and --shard: use one (--ray spreads the parts over a Ray cluster itself; --shard is "
+                        "for separate jobs, such as a Slurm array)")
+    if on and args.get("scorer") is not None:
+        raise UserError("ray= and scorer=: use one (with Ray each actor starts its own scorer)")
+    if not on and args.get("ray_actors") is not None:
+        raise UserError(f"--ray-actors {args['ray_actors']} applies with --ray; add --ray")
 
 
 def load_tokenizer(model_dir):
@@ -86,42 +100,50 @@ def load_tokenizer(model_dir):
 
 def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length="auto",
                 truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-                columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
+                columns=None, prompt_split="auto", progress=True, scorer=None, ray=None, ray_actors=None,
+                **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
     prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
-    a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
+    a caller reuse an already-built backend (one vLLM engine per process). `ray` ("auto" or a cluster's
+    address) writes the parts on Ray actors (pipeline/distributed.py): `ray_actors` of them on CPUs (default 1),
+    one per GPU (or per tensor_parallel_size GPUs) on GPUs; the cache is the same. Extra keyword arguments go to the
     backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
     min(1024, the model's context - 1, vLLM's max_model_len - 1): vLLM needs one position beyond the scored
     sequence. max_prompt_length="auto" means half of max_length, rounded up (512 of 1024); None never cuts it.
     Numeric arguments are checked first; then the shard's lock on `out` is taken (a second writer of the
     same shard is refused) and held until the cache (or this shard) is written."""
     t0 = time.time()
-    job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
-                max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
-                shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
-                progress=progress, scorer=scorer, backend_settings=backend_settings)
-    out = Path(out)
-    cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
-    done, changed = cache.done_parts(out, job.fingerprint, job.shard)
-    for f in changed:
-        print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it", file=sys.stderr)
+    with _cluster(ray) as cluster:  # None without ray
+        if cluster is not None:
+            backend = cluster.resolve_backend(backend)  # auto: by the cluster's GPUs
+        job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
+                    max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
+                    shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
+                    progress=progress, scorer=scorer, backend_settings=backend_settings)
+        out = Path(out)
+        cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
+        done, changed = cache.done_parts(out, job.fingerprint, job.shard)
+        for f in changed:
+            print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it",
+                  file=sys.stderr)
 
-    writer = PartWriter(job, out, scorer, progress)
-    rows_read = 0  # by every shard: the shard record's row count
-    try:
-        for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
-            rows_read += len(items)
-            if k % job.shard[1] != job.shard[0]:
-                continue  # another shard's part
-            if k in done:
-                writer.reuse(items, done[k]["part"])
-            else:
-                writer.write(k, items)
-        writer.finish()
-    finally:
-        writer.close()
+        writer = PartWriter(job, out, scorer, progress) if cluster is None else \
+            cluster.writer(job, out, progress, ray_actors)
+        rows_read = 0  # by every shard: the shard record's row count
+        try:
+            for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
+                rows_read += len(items)
+                if k % job.shard[1] != job.shard[0]:
+                    continue  # another shard's part
+                if k in done:
+                    writer.reuse(items, done[k]["part"])
+                else:
+                    writer.write(k, items)
+            writer.finish()
+        finally:
+            writer.close()
     if rows_read == 0:
         raise UserError(f"{data}: no rows to read")
 
@@ -132,6 +154,15 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         raise UserError(f"all {manifest['dataset']['rows_read']} rows were rejected; reasons are in "
                         f"{cache.rejected_path(out, manifest)}")
     return summary
+
+
+def _cluster(ray):
+    """The Ray connection for a run with `ray` (pipeline/distributed.py), or a context giving None without."""
+    if ray in (None, False):
+        return contextlib.nullcontext()
+    from pipeline.distributed import Cluster
+
+    return Cluster(ray)
 
 
 @dataclass
@@ -348,6 +379,9 @@ class PartWriter:
     def finish(self):
         """Nothing to wait for: every part is written when `write` returns."""
 
+    def extra_summary(self) -> dict:
+        return {}
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
@@ -417,7 +451,7 @@ def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, sec
     stats, score_seconds = writer.stats, writer.score_seconds
     summary = {
         "out": str(out), "backend": job.backend, "dtype": job.dtype, "shard": "{}/{}".format(*job.shard),
-        "complete": bool(manifest), **asdict(stats), "seconds": round(seconds, 3),
+        "complete": bool(manifest), **asdict(stats), **writer.extra_summary(), "seconds": round(seconds, 3),
         "score_seconds": round(score_seconds, 3),
         "tokens_per_s": stats.tokens / score_seconds if score_seconds else 0.0,
         # share of the stage spent turning backend output into numpy and writing Parquet
@@ -577,6 +611,7 @@ def format_summary(s: dict) -> str:
              (f"scored {s['tokens']:,} tokens ({s['completion_tokens']:,} completion) with {s['backend']} "
               f"{s['dtype']} in {s['score_seconds']:.1f} s = {s['tokens_per_s']:,.0f} tokens/s; "
               f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}"),
+             *([f"on Ray: {s['ray']['actors']} actors, {s['ray']['restarts']} restarted"] if "ray" in s else []),
              "kept rows by format: " + ", ".join(f"{k} {n:,}" for k, n in s["formats"].items())
              + "; implicit prompts split at: " + ", ".join(f"{k} {n:,}" for k, n in s["split_rules"].items())]
     if s["extra_columns"]:
