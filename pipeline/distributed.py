@@ -257,6 +257,8 @@ class Slot:
     pid: int | None = None  # its process, once it answered
     last_seen: float = 0.0
     ping: object = None  # the outstanding `hello` call
+    asked: float = 0.0  # when it was last sent
+    dead: bool = False  # Ray gave up on it (its restarts used up): no more parts for it
     pids: set = field(default_factory=set)  # every process it has run in (restarts = len - 1)
 
 
@@ -287,9 +289,12 @@ class RayWriter:
         if not self.slots:
             self._start()
         while True:
-            ready = [s for s in self.slots if s.pid is not None and s.queued < IN_FLIGHT]
+            ready = [s for s in self.slots if s.pid is not None and not s.dead and s.queued < IN_FLIGHT]
             if ready:
                 break
+            if all(s.dead for s in self.slots):
+                raise UserError(f"every Ray actor died {MAX_RESTARTS + 1} times; the parts written are kept: "
+                                "re-run the same command to resume")
             self._poll(timeout=PING_S)
         slot = min(ready, key=lambda s: s.queued)
         self.parts[slot.handle.write.remote(k, items)] = (slot, k, len(items))
@@ -342,8 +347,8 @@ class RayWriter:
         """Ask each actor that has no question pending and was not heard from lately whether it is alive."""
         now = time.time()
         for s in self.slots:
-            if s.ping is None and now - s.last_seen >= PING_S:
-                s.ping = s.handle.hello.remote()
+            if s.ping is None and not s.dead and now - max(s.last_seen, s.asked) >= PING_S:
+                s.ping, s.asked = s.handle.hello.remote(), now
 
     def _poll(self, timeout: float):
         """Take in what has come back (parts, answers), waiting up to `timeout` seconds for the first."""
@@ -367,7 +372,10 @@ class RayWriter:
         slot.ping = None
         try:
             hello = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:  # dead or restarting: its next answer says
+        except self.ray.exceptions.ActorDiedError:  # for good: Ray retries a call while it restarts an actor
+            slot.dead = True
+            return
+        except self.ray.exceptions.RayActorError:  # unavailable for now: the next question tells
             return
         if hello["error"] is not None:
             raise hello["error"]

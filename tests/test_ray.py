@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,16 @@ def written_by(out) -> dict:
     return logs
 
 
+def no_actors_left(ray, timeout=30) -> bool:
+    """Whether the run's actors are gone (ray.kill is asynchronous: allow it a moment)."""
+    deadline = time.time() + timeout
+    while [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def wait_for_part(out, alive, what, timeout=240):
     deadline = time.time() + timeout
     while not written_by(out) or not list(Path(out).glob("part-*.parquet")):
@@ -133,14 +144,14 @@ def test_a_killed_actor_is_replaced_and_the_cache_is_the_same(tmp_path, local_ra
     assert result["summary"]["ray"]["restarts"] >= 1 and result["summary"]["parts_written"] == 25
     assert_same_cache(out, reference(SMALL_PART))
     assert len(written_by(out)) >= 2 and victim in written_by(out)
-    assert not [n for n in local_ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]  # all stopped
+    assert no_actors_left(local_ray)
 
 
 def test_sigterm_on_the_driver_keeps_the_parts_and_a_rerun_resumes(tmp_path, local_ray, data, tiny_model_dir,
                                                                    reference):
     out = tmp_path / "cache"
     p = ray_cli(data, "--model", tiny_model_dir, "--out", out, "--backend", "hf", "--part-size", SMALL_PART,
-                "--ray", "--ray-actors", 2, "--no-progress")
+                "--ray", "--no-progress")  # one actor: the default
     wait_for_part(out, lambda: p.poll() is None, lambda: p.communicate()[1][-3000:])
     p.send_signal(signal.SIGTERM)
     _, stderr = p.communicate(timeout=120)
@@ -148,9 +159,27 @@ def test_sigterm_on_the_driver_keeps_the_parts_and_a_rerun_resumes(tmp_path, loc
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert not list(out.glob(".refcache-lock*")) and not (out / "__refcache__" / "manifest.json").exists()
     kept = len(list(out.glob("part-*.parquet")))
-    s = precompute(data, tiny_model_dir, out, part_size=SMALL_PART, ray="auto", ray_actors=2, **KW)
+    s = precompute(data, tiny_model_dir, out, part_size=SMALL_PART, ray="auto", **KW)
     assert s["parts_skipped"] >= kept >= 1 and s["parts_skipped"] + s["parts_written"] == 25
     assert_same_cache(out, reference(SMALL_PART))
+
+
+def test_a_node_that_does_not_see_the_files_stops_the_run_in_one_line(tmp_path, monkeypatch, local_ray, data,
+                                                                     tiny_model_dir):
+    from pipeline import distributed
+
+    ship = distributed._for_actors
+
+    def other_tokenizer(job):  # as if the actors' node had another model at the same path
+        job, lengths = ship(job)
+        return replace(job, identity={**job.identity, "tokenizer": {"sha256": "another"}}), lengths
+
+    monkeypatch.setattr(distributed, "_for_actors", other_tokenizer)
+    out = tmp_path / "cache"
+    with pytest.raises(UserError, match=r"--model .* is missing or another model on Ray node .*; put it on storage"):
+        precompute(data, tiny_model_dir, out, part_size=PART, ray="auto", **KW)
+    assert not list(out.glob(".refcache-lock*")) and not list(out.glob("part-*"))
+    assert no_actors_left(local_ray)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, data, tiny_model_dir):
