@@ -5,7 +5,8 @@ parts that exist, belong to the same settings and still hash to the sum recorded
 (resume after a crash or kill; a damaged part is recomputed); `shard=(i, n)` processes the chunks with
 k % n == i, so n jobs can share one cache directory, each holding its own lock. The last shard to finish (or
 the single-process run) merges: validates every part and writes manifest.json and
-__refcache__/rejected_rows.parquet.
+__refcache__/rejected_rows.parquet. `ray=` hands the parts to Ray actors instead of writing them here
+(pipeline/distributed.py's RayWriter in PartWriter's place; both run `build_part`), for the same cache.
 
 A row that cannot be used (any error while reading, normalizing or tokenizing it) is rejected with its
 reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
