@@ -60,8 +60,13 @@ def reference(tmp_path_factory, data, tiny_model_dir, scorer):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray", reason="pip install 'refcache[ray]' (make test installs it)")
+def ray_installed():
+    return pytest.importorskip("ray", reason="pip install 'refcache[ray]' (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_installed):
+    ray = ray_installed
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -109,7 +114,7 @@ def wait_for_part(out, alive, what, timeout=240):
         time.sleep(0.02)
 
 
-def test_two_actors_write_the_cache_one_process_writes(tmp_path, data, tiny_model_dir, reference):
+def test_two_actors_write_the_cache_one_process_writes(tmp_path, ray_installed, data, tiny_model_dir, reference):
     out = tmp_path / "cache"
     p = ray_cli(data, "--model", tiny_model_dir, "--out", out, "--backend", "hf", "--part-size", PART, "--ray",
                 "--ray-actors", 2, "--json", "--no-progress")
