@@ -10,7 +10,8 @@
       rejected_rows.parquet       source_index, source_file, reason (merged from the parts)
       _written-I-of-N.jsonl       shard I/N's log: {file, bytes, sha256} of each part, appended before the part
                                   is renamed into place (a resumed run reuses a part only if its sha256 is on
-                                  record, so a part damaged after it was written is recomputed, never blessed)
+                                  record, so a part damaged after it was written is recomputed, never blessed);
+                                  _written-ray-PID-TAG.jsonl: the same, one per Ray actor process (--ray)
       _shard-I-of-N.json          written by each finished shard: settings fingerprint, total rows read
       _sums.json                  memo for readers: each part's sha256 with the file's size, inode, mtime and
                                   ctime when it was hashed (see `check_parts`)
@@ -91,6 +92,13 @@ def shard_name(i: int, n: int) -> str:
 def written_log(i: int, n: int) -> str:
     """Shard I/N's write log, relative to the cache directory."""
     return f"{SIDE}/_written-{i}-of-{n}.jsonl"
+
+
+def ray_written_log(writer_id: str) -> str:
+    """The write log of one Ray actor process (pipeline/distributed.py; `writer_id`: its pid and a random tag):
+    each has its own, whatever node it runs on, so no two processes append to one file; readers take every
+    _written-*.jsonl."""
+    return f"{SIDE}/_written-ray-{writer_id}.jsonl"
 
 
 def _side_files(cache_dir: Path, pattern: str) -> list[Path]:

@@ -45,6 +45,14 @@ def add_commands(sub):
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help="; ".join(f"{name}: {b.batch_size_help}" for name, b in BACKENDS.items() if b.batch_size_help))
     p.add_argument("--shard", default=d["shard"], metavar="I/N", help="process chunks k with k %% N == I")
+    p.add_argument("--ray", nargs="?", const="auto", default=d["ray"], metavar="ADDRESS",
+                   help="write the parts on a Ray cluster, one actor per GPU (or per --tensor-parallel-size GPUs), "
+                        "the same cache: alone or `auto`, the cluster in RAY_ADDRESS, else a new local one; or "
+                        "an address (ray://HOST:10001, HOST:6379). DATA, --model and --out must be on storage "
+                        "every node sees. Needs pip install 'refcache[ray]'")
+    p.add_argument("--ray-actors", type=int, default=d["ray_actors"], metavar="N",
+                   help="with --ray on CPUs: N actors, each with 1/N of the CPUs (default: 1); on GPUs: N instead of "
+                        "one per GPU")
     p.add_argument("--limit", type=int, default=d["limit"], metavar="N", help="only the first N input rows")
     p.add_argument("--part-size", type=int, default=d["part_size"], help="input rows per part file")
     p.add_argument("--prompt-col", default="prompt", help="input column holding the prompt")
@@ -124,7 +132,8 @@ def run_precompute(args) -> int:
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                          truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
                          limit=args.limit, part_size=args.part_size, columns=columns, prompt_split=args.prompt_split,
-                         progress=not args.no_progress, **_backend_flags(args))
+                         progress=not args.no_progress, ray=args.ray, ray_actors=args.ray_actors,
+                         **_backend_flags(args))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 

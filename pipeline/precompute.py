@@ -5,12 +5,14 @@ parts that exist, belong to the same settings and still hash to the sum recorded
 (resume after a crash or kill; a damaged part is recomputed); `shard=(i, n)` processes the chunks with
 k % n == i, so n jobs can share one cache directory, each holding its own lock. The last shard to finish (or
 the single-process run) merges: validates every part and writes manifest.json and
-__refcache__/rejected_rows.parquet.
+__refcache__/rejected_rows.parquet. `ray=` hands the parts to Ray actors instead of writing them here
+(pipeline/distributed.py's RayWriter in PartWriter's place; both run `build_part`), for the same cache.
 
 A row that cannot be used (any error while reading, normalizing or tokenizing it) is rejected with its
 reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -56,7 +58,7 @@ def parse_shard(shard):
 # precompute's own numeric arguments, all whole numbers: allowed values (refcache_base/limits.py); None means unset
 # (part_size excepted). The backends' numeric settings carry theirs (Flag.limits).
 WHOLE_ARGS = {"max_length": "[2, inf)", "max_prompt_length": "[1, inf)", "batch_size": "[1, inf)",
-              "part_size": "[1, inf)", "limit": "[1, inf)"}
+              "part_size": "[1, inf)", "limit": "[1, inf)", "ray_actors": "[1, inf)"}
 
 
 def check_arguments(args: dict):
@@ -73,6 +75,19 @@ def check_arguments(args: dict):
             shown = f"{v:g}" if kind is not int and isinstance(v, float) else v
             raise UserError(f"{flag} {shown}: must be {allowed(spec, whole=kind is int)}{also}")
     parse_shard(args.get("shard"))
+    check_ray(args)
+
+
+def check_ray(args: dict):
+    """--ray goes with neither --shard (Ray spreads the parts itself) nor a caller's scorer; --ray-actors needs it."""
+    on = args.get("ray") not in (None, False)
+    if on and args.get("shard") is not None:
+        raise UserError("--ray and --shard: use one (--ray spreads the parts over a Ray cluster itself; --shard is "
+                        "for separate jobs, such as a Slurm array)")
+    if on and args.get("scorer") is not None:
+        raise UserError("ray= and scorer=: use one (with Ray each actor starts its own scorer)")
+    if not on and args.get("ray_actors") is not None:
+        raise UserError(f"--ray-actors {args['ray_actors']} applies with --ray; add --ray")
 
 
 def load_tokenizer(model_dir):
@@ -86,41 +101,50 @@ def load_tokenizer(model_dir):
 
 def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length="auto",
                 truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-                columns=None, prompt_split="auto", progress=True, scorer=None, **backend_settings) -> dict:
+                columns=None, prompt_split="auto", progress=True, scorer=None, ray=None, ray_actors=None,
+                **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
     prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
-    a caller reuse an already-built backend (one vLLM engine per process). Extra keyword arguments go to the
+    a caller reuse an already-built backend (one vLLM engine per process). `ray` ("auto" or a cluster's
+    address) writes the parts on Ray actors (pipeline/distributed.py): `ray_actors` of them on CPUs (default 1),
+    one per GPU (or per tensor_parallel_size GPUs) on GPUs; the cache is the same. Extra keyword arguments go to the
     backend (max_model_len, tensor_parallel_size, gpu_memory_utilization). max_length=None means
     min(1024, the model's context - 1, vLLM's max_model_len - 1): vLLM needs one position beyond the scored
     sequence. max_prompt_length="auto" means half of max_length, rounded up (512 of 1024); None never cuts it.
     Numeric arguments are checked first; then the shard's lock on `out` is taken (a second writer of the
     same shard is refused) and held until the cache (or this shard) is written."""
     t0 = time.time()
-    job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
-                max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
-                shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
-                progress=progress, scorer=scorer, backend_settings=backend_settings)
-    out = Path(out)
-    cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
-    done, changed = cache.done_parts(out, job.fingerprint, job.shard)
-    for f in changed:
-        print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it", file=sys.stderr)
+    with _cluster(ray) as cluster:  # None without ray
+        if cluster is not None:
+            backend = cluster.resolve_backend(backend)  # auto: by the cluster's GPUs
+        job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
+                    max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
+                    shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
+                    progress=progress, scorer=scorer, backend_settings=backend_settings)
+        out = Path(out)
+        cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
+        done, changed = cache.done_parts(out, job.fingerprint, job.shard)
+        for f in changed:
+            print(f"note: {f}: its bytes are not what refcache wrote (sha256 differs); recomputing it",
+                  file=sys.stderr)
 
-    writer = PartWriter(job, out, scorer, progress)
-    rows_read = 0  # by every shard: the shard record's row count
-    try:
-        for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
-            rows_read += len(items)
-            if k % job.shard[1] != job.shard[0]:
-                continue  # another shard's part
-            if k in done:
-                writer.reuse(items, done[k]["part"])
-            else:
-                writer.write(k, items)
-    finally:
-        writer.close()
+        writer = PartWriter(job, out, scorer, progress) if cluster is None else \
+            cluster.writer(job, out, progress, ray_actors)
+        rows_read = 0  # by every shard: the shard record's row count
+        try:
+            for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
+                rows_read += len(items)
+                if k % job.shard[1] != job.shard[0]:
+                    continue  # another shard's part
+                if k in done:
+                    writer.reuse(items, done[k]["part"])
+                else:
+                    writer.write(k, items)
+            writer.finish()
+        finally:
+            writer.close()
     if rows_read == 0:
         raise UserError(f"{data}: no rows to read")
 
@@ -131,6 +155,15 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         raise UserError(f"all {manifest['dataset']['rows_read']} rows were rejected; reasons are in "
                         f"{cache.rejected_path(out, manifest)}")
     return summary
+
+
+def _cluster(ray):
+    """The Ray connection for a run with `ray` (pipeline/distributed.py), or a context giving None without."""
+    if ray in (None, False):
+        return contextlib.nullcontext()
+    from pipeline.distributed import Cluster
+
+    return Cluster(ray)
 
 
 @dataclass
@@ -220,6 +253,22 @@ class Stage1Stats:
     formats: dict = field(default_factory=lambda: dict.fromkeys(FORMATS, 0))  # kept rows per Pair.kind
     split_rules: dict = field(default_factory=lambda: dict.fromkeys(SPLIT_RULES, 0))  # implicit prompts' splits
 
+    def add_reused(self, rows_read: int, part: dict):
+        """Count a part an earlier run wrote (its metadata's "part" record)."""
+        self.rows_read += rows_read
+        self.parts_skipped += 1
+        self.add_part(part)
+
+    def add_written(self, rows_read: int, result: dict):
+        """Count a part written now (what `build_part` returned)."""
+        self.rows_read += rows_read
+        self.parts_written += 1
+        self.tokens += result["tokens"]
+        self.completion_tokens += result["completion_tokens"]
+        self.post_seconds += result["post_seconds"]
+        self.write_seconds += result["write_seconds"]
+        self.add_part(result["part"])
+
     def add_part(self, part: dict):
         """Count a part (its metadata's "part" record, written now or reused)."""
         self.rows_kept += part["rows_kept"]
@@ -230,79 +279,123 @@ class Stage1Stats:
                 totals[k] = totals.get(k, 0) + n
 
 
+class LazyScorer:
+    """The run's scorer, started by `get` at the first pair to score (so a resumed run with nothing left never
+    loads the model); `scorer` is None until then. `close` stops the scorer it started (never a caller's)."""
+
+    def __init__(self, job: Job, scorer=None):
+        self.job, self.scorer, self.own = job, scorer, scorer is None
+        self.load_seconds = 0.0
+
+    def get(self):
+        if self.scorer is None:
+            tl = time.time()
+            self.scorer = make_scorer(self.job.backend, self.job.model_dir, self.job.dtype, **self.job.scorer_settings)
+            self.load_seconds = round(time.time() - tl, 3)
+        return self.scorer
+
+    def close(self):
+        if self.own and self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+
+
+def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, log: str, on_scored=None) -> dict:
+    """Tokenize and score chunk k's pairs and write part k (every row not kept recorded with its reason): a run's
+    one unit of work, done in this process (PartWriter) or in a Ray actor (pipeline/distributed.py). `log` is the
+    writer's write log (cache.write_part); on_scored(pairs, tokens) after each scoring call. Returns the part's
+    metadata record ("part") with what scoring and writing it took (tokens, completion_tokens, post_seconds,
+    score_seconds, write_seconds)."""
+    pairs = [p for p in items if isinstance(p, Pair)]
+    rejected = [p for p in items if not isinstance(p, Pair)]
+    kept, rej = tokenize_rows(job.pair_tok, pairs)
+    rejected += [(p.index, p.file, reason) for p, reason in rej]
+    done = {"tokens": 0, "completion_tokens": 0, "post_seconds": 0.0, "score_seconds": 0.0}
+    chosen, rejected_lp, ches, ln_ches = _score(job, scorers, kept, done, on_scored)
+    rejected.sort()
+    meta = part_meta(job, k, items, kept, rejected, scorers.scorer)
+    tw = time.time()
+    table = cache.part_table(kept, chosen, rejected_lp, job.extras.columns, ches=ches, ln_ches=ln_ches)
+    cache.write_part(out, k, table, meta, log)
+    return {"part": meta["part"], **done, "write_seconds": time.time() - tw}
+
+
+def _score(job: Job, scorers: LazyScorer, kept: list, done: dict, on_scored=None) -> tuple:
+    """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored the backend's pairs_per_call at a time;
+    adds the tokens and seconds to `done`."""
+    cols = ([], [], [], [])
+    ts = time.time()
+    step = BACKENDS[job.backend].pairs_per_call
+    for j in range(0, len(kept), step):
+        group = kept[j: j + step]
+        scorer = scorers.get()
+        if j == 0:
+            ts = time.time()  # the scorer's start excluded
+        post0 = scorer.post_seconds
+        for col, values in zip(cols, score_group(scorer, group)):
+            col += values
+        done["post_seconds"] += scorer.post_seconds - post0  # engine output -> numpy
+        tokens = sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
+        done["tokens"] += tokens
+        done["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
+        if on_scored is not None:
+            on_scored(len(group), tokens, time.time() - ts)
+    done["score_seconds"] = time.time() - ts if kept else 0.0
+    return cols
+
+
 class PartWriter:
-    """Writes this shard's new parts (tokenize, score, write) and counts them and the reused ones, with progress.
-    It starts the scorer at the first pair to score, so a resumed run with nothing left never loads the model;
-    `close` stops the scorer it started (never a caller's)."""
+    """Writes this shard's new parts in this process (`build_part`) and counts them and the reused ones, with
+    progress. Its scorer starts at the first pair to score; `close` stops the scorer it started (never a
+    caller's). pipeline/distributed.py's RayWriter does the same with the parts spread over Ray actors."""
 
     def __init__(self, job: Job, out: Path, scorer, progress: bool):
         self.job, self.out = job, out
-        self.scorer, self.own_scorer = scorer, scorer is None
+        self.scorers = LazyScorer(job, scorer)
         self.stats = Stage1Stats(scan_seconds=round(job.scan_seconds, 3), extra_columns=job.extras.columns,
                                  skipped_columns=job.extras.skipped)
         self.score_seconds = 0.0  # scoring only (the scorer's start excluded)
         self.log = cache.written_log(*job.shard)
-        self.bar = _progress(job.src, job.limit, job.shard[1], progress)
+        self.bar = progress_bar(job.src, job.limit, job.shard[1], progress)
 
     def reuse(self, items: list, part: dict):
         """Count a part an earlier run wrote (`part`: its metadata's "part" record)."""
-        self.stats.rows_read += len(items)
-        self.stats.parts_skipped += 1
-        self.stats.add_part(part)
-        self._advance(len(items))
+        self.stats.add_reused(len(items), part)
+        advance(self.bar, len(items))
 
     def write(self, k: int, items: list):
-        """Tokenize and score chunk k's pairs and write part k; every row not kept is recorded with its reason."""
-        self.stats.rows_read += len(items)
-        pairs = [p for p in items if isinstance(p, Pair)]
-        rejected = [p for p in items if not isinstance(p, Pair)]
-        kept, rej = tokenize_rows(self.job.pair_tok, pairs)
-        rejected += [(p.index, p.file, reason) for p, reason in rej]
-        chosen, rejected_lp, ches, ln_ches = self._score(kept)
-        self._advance(len(items) - len(kept))
-        rejected.sort()
-        meta = part_meta(self.job, k, items, kept, rejected, self.scorer)
-        tw = time.time()
-        table = cache.part_table(kept, chosen, rejected_lp, self.job.extras.columns, ches=ches, ln_ches=ln_ches)
-        cache.write_part(self.out, k, table, meta, self.log)
-        self.stats.write_seconds += time.time() - tw
-        self.stats.parts_written += 1
-        self.stats.add_part(meta["part"])
+        """Tokenize and score chunk k's pairs and write part k."""
+        tokens, busy = [self.stats.tokens], self.score_seconds
 
-    def _score(self, kept: list) -> tuple:
-        """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored the backend's pairs_per_call at a time."""
-        if kept and self.scorer is None:
-            tl = time.time()
-            self.scorer = make_scorer(self.job.backend, self.job.model_dir, self.job.dtype, **self.job.scorer_settings)
-            self.stats.load_seconds = round(time.time() - tl, 3)
-        cols = ([], [], [], [])
-        ts = time.time()
-        step = BACKENDS[self.job.backend].pairs_per_call
-        for j in range(0, len(kept), step):
-            group = kept[j: j + step]
-            post0 = self.scorer.post_seconds
-            for col, values in zip(cols, score_group(self.scorer, group)):
-                col += values
-            self.stats.post_seconds += self.scorer.post_seconds - post0  # engine output -> numpy
-            self.stats.tokens += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-            self.stats.completion_tokens += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-            self._advance(len(group), busy=self.score_seconds + time.time() - ts)
-        self.score_seconds += time.time() - ts
-        return cols
+        def scored(pairs, n, seconds):  # progress after each scoring call, with tokens/s so far
+            tokens[0] += n
+            advance(self.bar, pairs, tokens=tokens[0], seconds=busy + seconds)
 
-    def _advance(self, n: int, busy: float | None = None):
-        """Move the progress bar by n pairs; with `busy` (scoring seconds so far), show tokens/s."""
-        if self.bar is None:
-            return
-        self.bar.update(n)
-        if busy is not None:
-            self.bar.set_postfix(tok_s=f"{self.stats.tokens / max(busy, 1e-9):,.0f}", refresh=False)
+        result = build_part(self.job, self.out, k, items, self.scorers, self.log, scored)
+        self.stats.load_seconds = self.scorers.load_seconds
+        self.stats.add_written(len(items), result)
+        self.score_seconds += result["score_seconds"]
+        advance(self.bar, result["part"]["rows_read"] - result["part"]["rows_kept"])
+
+    def finish(self):
+        """Nothing to wait for: every part is written when `write` returns."""
+
+    def extra_summary(self) -> dict:
+        return {}
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.own_scorer and self.scorer is not None:
-            self.scorer.close()
+        self.scorers.close()
+
+
+def advance(bar, n: int, tokens: int | None = None, seconds: float | None = None, **postfix):
+    """Move the progress bar (None: no bar) by n pairs; with tokens and seconds (scoring so far), show tokens/s."""
+    if bar is None:
+        return
+    bar.update(n)
+    if tokens is not None:
+        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):,.0f}", **postfix, refresh=False)
 
 
 def score_group(scorer, group: list) -> tuple:
@@ -359,7 +452,7 @@ def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, sec
     stats, score_seconds = writer.stats, writer.score_seconds
     summary = {
         "out": str(out), "backend": job.backend, "dtype": job.dtype, "shard": "{}/{}".format(*job.shard),
-        "complete": bool(manifest), **asdict(stats), "seconds": round(seconds, 3),
+        "complete": bool(manifest), **asdict(stats), **writer.extra_summary(), "seconds": round(seconds, 3),
         "score_seconds": round(score_seconds, 3),
         "tokens_per_s": stats.tokens / score_seconds if score_seconds else 0.0,
         # share of the stage spent turning backend output into numpy and writing Parquet
@@ -501,7 +594,7 @@ def _check_context(model_dir, max_length, backend):
     return max_length
 
 
-def _progress(src, limit, shard_n, enabled):
+def progress_bar(src, limit, shard_n, enabled):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -519,6 +612,7 @@ def format_summary(s: dict) -> str:
              (f"scored {s['tokens']:,} tokens ({s['completion_tokens']:,} completion) with {s['backend']} "
               f"{s['dtype']} in {s['score_seconds']:.1f} s = {s['tokens_per_s']:,.0f} tokens/s; "
               f"total {s['seconds']:.1f} s; parts written {s['parts_written']}, reused {s['parts_skipped']}"),
+             *([f"on Ray: {s['ray']['actors']} actors, {s['ray']['restarts']} restarted"] if "ray" in s else []),
              "kept rows by format: " + ", ".join(f"{k} {n:,}" for k, n in s["formats"].items())
              + "; implicit prompts split at: " + ", ".join(f"{k} {n:,}" for k, n in s["split_rules"].items())]
     if s["extra_columns"]:
