@@ -313,7 +313,9 @@ def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, lo
     done = {"tokens": 0, "completion_tokens": 0, "post_seconds": 0.0, "score_seconds": 0.0}
     chosen, rejected_lp, ches, ln_ches = _score(job, scorers, kept, done, on_scored)
     rejected.sort()
-    meta = part_meta(job, k, items, kept, rejected, scorers.scorer)
+    # the backend's version and settings go with the parts it scored: a part whose rows were all rejected carries
+    # none, whether or not the scorer had started (so Ray actors, which start theirs first, write the same bytes)
+    meta = part_meta(job, k, items, kept, rejected, scorers.scorer if kept else None)
     tw = time.time()
     table = cache.part_table(kept, chosen, rejected_lp, job.extras.columns, ches=ches, ln_ches=ln_ches)
     cache.write_part(out, k, table, meta, log)
