@@ -68,7 +68,7 @@ def missing_reason(manifest: dict):
         why, fix = f"built with the {name} backend and --no-ches", "rebuild without --no-ches"
     elif settings.get("ches") == NO_LAYOUT:
         why, fix = "built with the hf backend, which packs no pair of this model", "rebuild with --backend vllm"
-    elif name in ("hf", "vllm") and "ches_method" not in settings:
+    elif (name == "hf" and "ches" not in settings) or (name == "vllm" and "ches_method" not in settings):
         why, fix = f"built with the {name} backend before refcache computed CHES with it", "rebuild it"
     else:
         why = f"built with the {name} backend"

@@ -18,8 +18,7 @@ from pipeline.logps import bf16_matmul_native
 from refcache_base import UserError
 
 BATCH_SIZE = 16  # sequences per forward when not given
-HF_CHES_METHOD = ("the scoring forward's own hidden states (the LM head's input; a pair packed into one row) at the "
-                  "positions predicting each completion token: no second pass")
+HF_CHES_METHOD = "from the scoring forward (no second pass)"  # short: it is in every part's metadata
 
 
 @register
