@@ -10,6 +10,9 @@ output after the final norm: the input of the LM head) at each position that pre
 The higher, the more similar the two completions look to the model, and the more a DPO step that pushes the
 rejected one down drags the chosen one with it. The paper drops the top-scoring pairs (by ln-CHES) to avoid
 displacement. Computed in fp32 whatever the model's dtype (bf16 hidden states are upcast first).
+
+Both backends feed `ches_scores`: hf from its scoring forward's hidden states (a pair packed into one row),
+vllm from a second engine's per-token hidden states of each pair's two sequences (`sequence_ches`).
 """
 
 import torch
@@ -27,24 +30,46 @@ def ches_scores(hidden, seq_index, n_pairs: int):
     return _score(sums[:n_pairs], sums[n_pairs:]), _score(means[:n_pairs], means[n_pairs:])
 
 
+def sequence_ches(hidden: list, starts) -> list:
+    """CHES of pairs given as two full sequences each: hidden[2j] (len, H) the hidden states of every position of
+    prompt + chosen of pair j, hidden[2j + 1] those of prompt + rejected; starts[i] where sequence i's completion
+    begins. The states at positions starts[i] - 1 .. len - 2 (each predicts the next token, a completion token)
+    go to `ches_scores`. Returns [(ches, ln_ches)] per pair, floats."""
+    n = len(hidden) // 2
+    rows = [h[st - 1 : h.shape[0] - 1] for h, st in zip(hidden, starts)]
+    seq = [j // 2 + (j % 2) * n for j in range(2 * n)]  # chosen of pair j -> row j, rejected -> n + j
+    seq_index = torch.repeat_interleave(torch.tensor(seq), torch.tensor([r.shape[0] for r in rows]))
+    ches, ln_ches = ches_scores(torch.cat(rows), seq_index, n)
+    return list(zip(ches.tolist(), ln_ches.tolist()))
+
+
 def _score(pos, neg):
     """<pos, neg> - ||pos||^2 row by row: pos, neg (b, H) -> (b,)."""
     return (pos * neg).sum(-1) - (pos * pos).sum(-1)
 
 
 COMPUTED = "computed"  # the backend settings' `ches` entry (manifest backend.settings) when the cache has CHES
+SKIPPED = "not computed (--no-ches)"  # the same entry when the run was told to skip it
+NO_LAYOUT = "not computed (no shared-prompt layout for this model)"  # hf on a model it cannot pack
 
 
 def missing_reason(manifest: dict):
     """None when this cache has CHES; else one line saying why not and what to do (for the diagnostics that
     need it and the precompute summary)."""
     backend = manifest.get("backend") or {}
-    if (backend.get("settings") or {}).get("ches") == COMPUTED:
+    settings = backend.get("settings") or {}
+    name = backend.get("name", "unknown")
+    fix = "rebuild with --backend hf"
+    if settings.get("ches") == COMPUTED:
         return None
     if manifest.get("schema_version", 1) == 1:
         why = "built before refcache computed CHES (cache schema 1)"
-    elif backend.get("name") == "hf" and "ches" not in (backend.get("settings") or {}):
-        why = "built with the hf backend before refcache computed CHES"
+    elif settings.get("ches") == SKIPPED:
+        why, fix = f"built with the {name} backend and --no-ches", "rebuild without --no-ches"
+    elif settings.get("ches") == NO_LAYOUT:
+        why, fix = "built with the hf backend, which packs no pair of this model", "rebuild with --backend vllm"
+    elif (name == "hf" and "ches" not in settings) or (name == "vllm" and "ches_method" not in settings):
+        why, fix = f"built with the {name} backend before refcache computed CHES with it", "rebuild it"
     else:
-        why = f"built with the {backend.get('name', 'unknown')} backend"
-    return f"no CHES in this cache: {why}; rebuild with --backend hf"
+        why = f"built with the {name} backend"
+    return f"no CHES in this cache: {why}; {fix}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline import cache
 from pipeline.backends import BACKENDS, Backend, check_settings, make_scorer, resolve_backend, torch_dtype
+from pipeline.backends import backend_settings as backend_settings_of
 from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
@@ -220,6 +221,9 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
                 "columns": src.columns, "limit": limit, "part_size": part_size,
                 "extra_columns": extras.columns, "skipped_columns": extras.skipped}
     settings["duplicates"] = "first copy kept, later copies rejected"  # pipeline/dedup.py
+    ches = _ches_choice(name, scorer, scorer_settings, backend_settings)
+    if ches is not None:  # a backend whose CHES can be skipped (vllm --no-ches): what the cache holds depends on it
+        settings["ches"] = ches
     identity = {"model": model_id, "tokenizer": tok_id, "tokenization": tok_settings,
                 "backend": {"name": name, "dtype": dtype},
                 "dataset": {**src.describe(), "sha256": data_sha, "columns": src.columns, "limit": limit,
@@ -228,6 +232,19 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
                prompt_split=prompt_split, shard=shard, extras=extras, scan_seconds=scan_seconds, pair_tok=pair_tok,
                scorer_settings=scorer_settings, settings=settings, fingerprint=cache.settings_fingerprint(settings),
                identity=identity)
+
+
+def _ches_choice(name, scorer, scorer_settings, given):
+    """Whether a backend that can skip CHES computes it (its `ches` setting, filled in by complete_settings), for
+    the fingerprint; None for a backend without the choice. A given scorer's own choice wins, and an explicit
+    contrary one is refused."""
+    if "ches" not in backend_settings_of(name):
+        return None
+    if scorer is None:
+        return bool(scorer_settings.get("ches", True))
+    if given.get("ches") is not None and bool(given["ches"]) != bool(scorer.ches):
+        raise UserError(f"the given scorer was started with ches={bool(scorer.ches)}, not ches={given['ches']}")
+    return bool(scorer.ches)
 
 
 FORMATS = ("explicit", "conversational", "implicit-text", "implicit-conversation")  # Pair.kind
@@ -246,6 +263,8 @@ class Stage1Stats:
     parts_skipped: int = 0  # reused from an earlier run
     load_seconds: float = 0.0  # starting the scorer
     post_seconds: float = 0.0  # turning engine output into numpy (part of the scoring time)
+    ches_load_seconds: float = 0.0  # starting what only CHES needs (vllm: its second engine; part of load_seconds)
+    ches_seconds: float = 0.0  # scoring time spent on CHES alone (vllm: its second pass; part of score_seconds)
     write_seconds: float = 0.0
     scan_seconds: float = 0.0
     extra_columns: list = field(default_factory=list)
@@ -266,6 +285,8 @@ class Stage1Stats:
         self.tokens += result["tokens"]
         self.completion_tokens += result["completion_tokens"]
         self.post_seconds += result["post_seconds"]
+        self.ches_seconds += result["ches_seconds"]
+        self.ches_load_seconds = max(self.ches_load_seconds, round(result["ches_start_seconds"], 3))
         self.write_seconds += result["write_seconds"]
         self.add_part(result["part"])
 
@@ -305,12 +326,13 @@ def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, lo
     one unit of work, done in this process (PartWriter) or in a Ray actor (pipeline/distributed.py). `log` is the
     writer's write log (cache.write_part); on_scored(pairs, tokens) after each scoring call. Returns the part's
     metadata record ("part") with what scoring and writing it took (tokens, completion_tokens, post_seconds,
-    score_seconds, write_seconds)."""
+    score_seconds, write_seconds; ches_seconds and ches_start_seconds where CHES takes a pass of its own)."""
     pairs = [p for p in items if isinstance(p, Pair)]
     rejected = [p for p in items if not isinstance(p, Pair)]
     kept, rej = tokenize_rows(job.pair_tok, pairs)
     rejected += [(p.index, p.file, reason) for p, reason in rej]
-    done = {"tokens": 0, "completion_tokens": 0, "post_seconds": 0.0, "score_seconds": 0.0}
+    done = {"tokens": 0, "completion_tokens": 0, "post_seconds": 0.0, "score_seconds": 0.0, "ches_seconds": 0.0,
+            "ches_start_seconds": 0.0}
     chosen, rejected_lp, ches, ln_ches = _score(job, scorers, kept, done, on_scored)
     rejected.sort()
     # the backend's version and settings go with the parts it scored: a part whose rows were all rejected carries
@@ -333,10 +355,12 @@ def _score(job: Job, scorers: LazyScorer, kept: list, done: dict, on_scored=None
         scorer = scorers.get()
         if j == 0:
             ts = time.time()  # the scorer's start excluded
-        post0 = scorer.post_seconds
+        post0, ches0 = scorer.post_seconds, scorer.ches_seconds
         for col, values in zip(cols, score_group(scorer, group)):
             col += values
         done["post_seconds"] += scorer.post_seconds - post0  # engine output -> numpy
+        done["ches_seconds"] += scorer.ches_seconds - ches0  # CHES's own pass (vllm)
+        done["ches_start_seconds"] = scorer.ches_start_seconds  # a given scorer's too: what CHES cost it
         tokens = sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
         done["tokens"] += tokens
         done["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
@@ -402,14 +426,15 @@ def advance(bar, n: int, tokens: int | None = None, seconds: float | None = None
 
 def score_group(scorer, group: list) -> tuple:
     """Score tokenized pairs: (chosen log-probs, rejected log-probs, ches, ln_ches), one entry per pair. A scorer
-    that packs a pair into one prompt-shared row (hf) returns CHES from the same forward; the others return no
-    hidden states, so CHES stays null (None)."""
+    that packs a pair into one prompt-shared row (hf) returns CHES from the same forward; the others score two
+    sequences per pair and give CHES from `pair_ches` (vllm: a second pass), or none (null) where they do not."""
     if scorer.can_pack():
         lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
         return [x[0] for x in lps], [x[1] for x in lps], [x[2] for x in lps], [x[3] for x in lps]
     seqs, starts = sequences(group)
     lps = scorer.score(seqs, starts)
-    return lps[0::2], lps[1::2], [None] * len(group), [None] * len(group)
+    ches = scorer.pair_ches(seqs, starts) or [(None, None)] * len(group)
+    return lps[0::2], lps[1::2], [c for c, _ in ches], [c for _, c in ches]
 
 
 def part_meta(job: Job, k: int, items: list, kept: list, rejected: list, scorer) -> dict:
@@ -461,6 +486,7 @@ def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, sec
         "postprocess_share": (stats.post_seconds + stats.write_seconds) / (score_seconds + stats.write_seconds)
         if score_seconds else None,
     }
+    summary["ches_cost"] = ches_cost(summary) if stats.ches_seconds else None
     if manifest:
         ds = manifest["dataset"]
         summary.update(rows_read=ds["rows_read"], rows_kept=ds["rows_kept"], rows_rejected=ds["rows_rejected"])
@@ -608,6 +634,29 @@ def progress_bar(src, limit, shard_n, enabled):
                 dynamic_ncols=True)
 
 
+def ches_cost(s: dict) -> dict:
+    """What computing CHES cost this run where it took a pass of its own (vllm), from the summary's times:
+    seconds with CHES / without, for the scoring alone and with the backend's start when this run started it."""
+    score, ches, load, ches_load = s["score_seconds"], s["ches_seconds"], s["load_seconds"], s["ches_load_seconds"]
+    out = {"scoring_with": score, "scoring_without": score - ches,
+           "scoring_ratio": score / (score - ches) if score > ches else None}
+    if load:
+        out.update(with_start=load + score, without_start=load - ches_load + score - ches)
+        out["ratio_with_start"] = out["with_start"] / out["without_start"] if out["without_start"] > 0 else None
+    return out
+
+
+def ches_cost_line(s: dict) -> str:
+    c = s["ches_cost"]
+    line = (f"CHES cost ({s['backend']}: a second engine returning hidden states; --no-ches skips it): "
+            f"{s['ches_load_seconds']:.1f} s to start it + {s['ches_seconds']:.1f} s over the pairs; scoring "
+            f"{c['scoring_with']:.1f} s with CHES / {c['scoring_without']:.1f} s without = {c['scoring_ratio']:.2f}x")
+    if c.get("ratio_with_start"):
+        line += (f"; with the engines' start {c['with_start']:.1f} s / {c['without_start']:.1f} s = "
+                 f"{c['ratio_with_start']:.2f}x")
+    return line
+
+
 def format_summary(s: dict) -> str:
     lines = [f"rows read {s['rows_read']:,} = kept {s['rows_kept']:,} + rejected {s['rows_rejected']:,}"
              + (f" (shard {s['shard']})" if s["shard"] != "0/1" else ""),
@@ -617,6 +666,8 @@ def format_summary(s: dict) -> str:
              *([f"on Ray: {s['ray']['actors']} actors, {s['ray']['restarts']} restarted"] if "ray" in s else []),
              "kept rows by format: " + ", ".join(f"{k} {n:,}" for k, n in s["formats"].items())
              + "; implicit prompts split at: " + ", ".join(f"{k} {n:,}" for k, n in s["split_rules"].items())]
+    if s.get("ches_seconds"):
+        lines.append(ches_cost_line(s))
     if s["extra_columns"]:
         lines.append("input columns kept: " + ", ".join(
             c["source"] + (f" as {c['name']}" if c["name"] != c["source"] else "") + f" ({c['type']})"

@@ -11,8 +11,8 @@
 -- Alongside, the older signal: edit_distance = token Levenshtein distance between chosen and rejected,
 -- rel_edit = that / the longer completion's length, near_identical = rel_edit <= 0.1 (macros in _shared.sql),
 -- and the lengths (length_diff = chosen_len - rejected_len). Needs no run; after training, `refcache query
--- displacement_prediction` says how well this ranking predicted the observed drops. Needs a cache built with
--- the hf backend (the vllm backend returns no hidden states: column ln_ches is null, and this query says so).
+-- displacement_prediction` says how well this ranking predicted the observed drops. Needs a cache with CHES
+-- (both backends compute it unless run with --no-ches; without it ln_ches is null, and this query says why).
 -- Cost: the edit distance is computed for the listed pairs only.
 --
 -- param: limit = 15 [1, ] rows per cache

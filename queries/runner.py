@@ -184,7 +184,7 @@ def run_query(con, name: str, params=None) -> pl.DataFrame:
     values = resolve_params(q, params)
     have = view_sources(con)
     for view in q.needs:
-        if view == "ches":  # a cache with CHES scores (hf backend); else the caches' own reasons, one line
+        if view == "ches":  # a cache with CHES scores; else the caches' own reasons, one line
             n, why = con.execute("SELECT count(*) FILTER (WHERE ches_missing IS NULL), "
                              "string_agg(cache || ': ' || ches_missing, '; ') FROM caches").fetchall()[0]
             if not n:

@@ -5,27 +5,9 @@ and on SmolLM2; the cache carries it, and says so in its manifest."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from oracles import direct_ches
 
 from pipeline.backends import HFScorer
-
-
-def _direct(model, prompt, chosen, rejected):
-    """(ches, ln_ches) in fp64 from two separate forwards: h = the last entry of output_hidden_states (the LM
-    head's input) at the positions predicting each completion token."""
-    def hs(completion):
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            h = model(ids, output_hidden_states=True).hidden_states[-1][0].double()
-        return h[len(prompt) - 1 : len(prompt) + len(completion) - 1]
-
-    hp, hn = hs(chosen), hs(rejected)
-    assert hp.shape[0] == len(chosen) and hn.shape[0] == len(rejected)
-    sp, sn, mp, mn = hp.sum(0), hn.sum(0), hp.mean(0), hn.mean(0)
-    # the size of the two dot products that cancel (|a||b| bounds a dot product's rounding): tolerance is
-    # relative to it, as fp32 kernels of another CPU round differently
-    scale = tuple((a.norm() * (a.norm() + b.norm())).item() for a, b in ((sp, sn), (mp, mn)))
-    return (sp @ sn - sp @ sp).item(), (mp @ mn - mp @ mp).item(), scale
 
 
 def _triples(vocab, seed):
@@ -40,7 +22,7 @@ def _check(model_dir, vocab):
     triples = _triples(vocab, 0)
     got = scorer.score_pairs(triples)
     for (p, c, r), (_, _, ches, ln_ches) in zip(triples, got):
-        want, want_ln, (scale, scale_ln) = _direct(scorer.model, p, c, r)
+        want, want_ln, (scale, scale_ln) = direct_ches(scorer.model, p, c, r)
         assert abs(ches - want) <= 1e-5 * scale, (ches, want, scale)
         assert abs(ln_ches - want_ln) <= 1e-5 * scale_ln, (ln_ches, want_ln, scale_ln)
     return scorer, triples, got
@@ -71,17 +53,47 @@ def test_cache_has_ches_from_the_hf_backend(train_cache, tiny_model_dir):
     assert all(r["ches"] is not None and r["ln_ches"] is not None for r in t)
     model = HFScorer(tiny_model_dir, "float32").model
     for r in t[:: max(1, len(t) // 6)]:
-        want, want_ln, (scale, scale_ln) = _direct(model, r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+        want, want_ln, (scale, scale_ln) = direct_ches(model, r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
         assert abs(r["ches"] - want) <= 1e-5 * scale and abs(r["ln_ches"] - want_ln) <= 1e-5 * scale_ln
 
 
-@pytest.mark.parametrize("manifest, why", [
-    ({"schema_version": 1, "backend": {"name": "hf"}}, "cache schema 1"),
-    ({"schema_version": 2, "backend": {"name": "vllm", "settings": {"ches": "not computed"}}}, "vllm backend"),
-    ({"schema_version": 2, "backend": {"name": "hf", "settings": {}}}, "hf backend before"),
+def test_sequence_ches_takes_the_positions_predicting_each_completion_token(tiny_model_dir):
+    """The vllm backend's route to pipeline/ches.py: full-sequence hidden states of prompt + chosen and prompt +
+    rejected (here from hf's own forward, as vLLM's pooling engine returns them) give the direct CHES."""
+    import torch
+
+    from pipeline.ches import sequence_ches
+
+    model = HFScorer(tiny_model_dir, "float32").model
+    triples = _triples(1420, 1)
+    hidden, starts = [], []
+    for p, c, r in triples:
+        for completion in (c, r):
+            with torch.no_grad():
+                hidden.append(model(torch.tensor([p + completion]), output_hidden_states=True).hidden_states[-1][0])
+            starts.append(len(p))
+    for (p, c, r), (ches, ln_ches) in zip(triples, sequence_ches(hidden, starts)):
+        want, want_ln, (scale, scale_ln) = direct_ches(model, p, c, r)
+        assert abs(ches - want) <= 1e-5 * scale and abs(ln_ches - want_ln) <= 1e-5 * scale_ln
+
+
+@pytest.mark.parametrize("manifest, why, fix", [
+    ({"schema_version": 1, "backend": {"name": "hf"}}, "cache schema 1", "rebuild with --backend hf"),
+    ({"schema_version": 2, "backend": {"name": "vllm", "settings": {"ches": "not computed (vLLM returns no hidden "
+                                                                            "states)"}}},
+     "vllm backend before refcache computed CHES with it", "rebuild it"),
+    ({"schema_version": 2, "backend": {"name": "vllm", "settings": {"ches": "not computed (--no-ches)",
+                                                                    "ches_method": None}}},
+     "vllm backend and --no-ches", "rebuild without --no-ches"),
+    ({"schema_version": 2, "backend": {"name": "hf", "settings": {}}}, "hf backend before", "rebuild it"),
+    ({"schema_version": 2, "backend": {"name": "hf", "settings": {"ches": "not computed (no shared-prompt layout "
+                                                                          "for this model)"}}},
+     "packs no pair of this model", "rebuild with --backend vllm"),
+    ({"schema_version": 2, "backend": {"name": "synthetic", "settings": {}}}, "synthetic backend",
+     "rebuild with --backend hf"),
 ])
-def test_missing_reason_names_the_cause(manifest, why):
+def test_missing_reason_names_the_cause(manifest, why, fix):
     from pipeline.ches import missing_reason
 
     line = missing_reason(manifest)
-    assert line.startswith("no CHES in this cache: ") and why in line and line.endswith("rebuild with --backend hf")
+    assert line.startswith("no CHES in this cache: ") and why in line and line.endswith(fix), line

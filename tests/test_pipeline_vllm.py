@@ -1,15 +1,19 @@
-"""vLLM backend: per-token parity with the hf backend (fp32: 1e-4 + 1e-5 |log p| nats) on the embedded data;
-its KV cache sized from the workload on a CPU; one line on the terminal while it starts; the backend registry."""
+"""vLLM backend: per-token parity with the hf backend (fp32: 1e-4 + 1e-5 |log p| nats) and CHES parity (1e-4 of
+each score's scale) on the embedded data; --no-ches; its KV cache sized from the workload on a CPU; one line on the
+terminal while it starts; the backend registry."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line_error
+from oracles import ches_diff
 
 import queries
 from pipeline.backends import (
     BACKENDS,
+    HFScorer,
     Scorer,
     VLLMScorer,
     backend_settings,
@@ -18,7 +22,8 @@ from pipeline.backends import (
 )
 from pipeline.backends.vllm import cpu_kv_cache_bytes, kv_bytes_per_token
 from pipeline.cache import load_table, read_manifest
-from pipeline.precompute import precompute
+from pipeline.ches import COMPUTED, SKIPPED
+from pipeline.precompute import format_summary, precompute
 from pipeline.verify import TOLERANCE, compare
 from refcache import UserError
 from refcache.cli import main as cli_main
@@ -116,16 +121,41 @@ def test_a_failed_engine_start_is_one_line_with_its_cause(tiny_model_dir):
     log.unlink()
 
 
-# --- one engine on the tiny model (conftest's vllm_scorer) ---
+def test_no_ches_starts_one_engine_and_says_why_the_cache_has_none(tmp_path, tiny_model_dir, prefs_dir, capsys):
+    """`refcache precompute --backend vllm --no-ches`: no second engine, no cost line, null ches/ln_ches, and the
+    manifest and summary say why; CHES is part of the settings, so a run with it refuses this cache (before any
+    engine starts). (Before the session's engines start: one run of engines at a time.)"""
+    out, data = tmp_path / "noches", prefs_dir / "eval.jsonl"
+    argv = ["precompute", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--backend", "vllm",
+            "--limit", "16", "--no-progress"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--no-ches"]) == 0
+    printed = capsys.readouterr()
+    assert "starting the vLLM engine (tiny-llama" in printed.err and "second one for CHES" not in printed.err
+    why = "no CHES in this cache: built with the vllm backend and --no-ches; rebuild without --no-ches"
+    assert f"CHES displacement scores (ches, ln_ches): {why}" in printed.out and "CHES cost" not in printed.out
+    m = read_manifest(out)
+    assert m["backend"]["settings"]["ches"] == SKIPPED and m["backend"]["settings"]["ches_method"] is None
+    assert m["settings"]["ches"] is False
+    t = load_table(out)
+    assert t.column("ches").null_count == t.column("ln_ches").null_count == t.num_rows == 16
+    line = one_line_error(capsys, argv)  # CHES on (the default) into the --no-ches cache
+    assert "was made with different settings (ches differ" in line
+
+
+# --- one engine on the tiny model (conftest's vllm_scorer), and its second one for CHES ---
 
 def test_engine_start_prints_one_line_and_sizes_its_kv_cache(vllm_scorer, tiny_model_dir):
     out = vllm_scorer.start_output
     assert out.count("\n") == 1 and out.startswith("starting the vLLM engine (tiny-llama, float32, KV cache 0.07 GiB)")
     # vLLM's own output (its logs, warnings, loading bars, from every process) went to the engine log instead
     assert "Loading safetensors checkpoint shards" in Path(vllm_scorer.log).read_text()
+    assert "then a second one for CHES (--no-ches skips it)" in out
     kv = cpu_kv_cache_bytes(tiny_model_dir, "float32", 1024, 256, 4096)
     assert vllm_scorer.settings()["kv_cache_bytes"] == kv
-    assert vllm_scorer.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == kv
+    for engine in (vllm_scorer.llm, vllm_scorer.pool):  # the same KV cache for each
+        assert engine.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == kv
+    assert vllm_scorer.pool.llm_engine.vllm_config.model_config.runner_type == "pooling"
     assert isinstance(vllm_scorer, Scorer)
 
 
@@ -145,11 +175,26 @@ def test_vllm_matches_hf_per_token_fp32(tmp_path, vllm_scorer, eval_cache, tiny_
               f"0.1 max {r['margin_error_max']:.3g}")
     assert r["passed"] and r["margin_error_max"] < 1e-4
     assert read_manifest(eval_cache)["fingerprint"] != m["fingerprint"]  # backend is part of the fingerprint
-    # no CHES from vLLM (no hidden states): null columns, and the summary and displacement_risk say why
-    no_ches = "no CHES in this cache: built with the vllm backend; rebuild with --backend hf"
-    assert s["ches"] == no_ches and load_table(out).column("ln_ches").null_count == s["rows_kept"]
-    with pytest.raises(UserError, match=f"needs CHES scores: vllm_eval: {no_ches}$"):
-        queries.run_query(queries.connect(caches=[out]), "displacement_risk")
+    # CHES from the second engine: every pair has it, equal to hf's within 1e-4 of each score's scale (the size
+    # of the two dot products that cancel in it, tests/oracles.direct_ches)
+    assert s["ches"] == COMPUTED and m["backend"]["settings"]["ches"] == COMPUTED
+    assert m["backend"]["settings"]["ches_method"].startswith("second pass: a vLLM pooling engine")
+    assert m["settings"]["ches"] is True
+    rows = load_table(out, ["prompt_ids", "chosen_ids", "rejected_ids", "ches", "ln_ches"]).to_pylist()
+    assert all(np.isfinite(r["ches"]) and np.isfinite(r["ln_ches"]) for r in rows) and len(rows) == s["rows_kept"]
+    hf_rows = load_table(eval_cache, ["prompt_ids", "chosen_ids", "rejected_ids", "ches", "ln_ches"]).to_pylist()
+    worst = ches_diff(HFScorer(tiny_model_dir, "float32").model, rows, hf_rows)
+    assert s["ches_seconds"] > 0 and s["ches_load_seconds"] == round(vllm_scorer.ches_start_seconds, 3) > 0
+    cost = next(x for x in format_summary(s).splitlines() if x.startswith("CHES cost (vllm"))
+    with capsys.disabled():
+        print(f"\nvLLM vs hf CHES, fp32, eval[:64]: max |diff| / scale: ches {worst['ches']:.2g}, ln_ches "
+              f"{worst['ln_ches']:.2g}\n{cost}")
+    assert worst["ches"] <= 1e-4 and worst["ln_ches"] <= 1e-4
+    assert len(queries.run_query(queries.connect(caches=[out]), "displacement_risk")) > 0
+    # a scorer started with CHES cannot build a cache without it (or the other way round)
+    with pytest.raises(UserError, match=r"^the given scorer was started with ches=True, not ches=False$"):
+        precompute(prefs_dir / "eval.jsonl", tiny_model_dir, tmp_path / "x", limit=4, progress=False,
+                   scorer=vllm_scorer, ches=False)
 
     # every row format (explicit, conversational, implicit text and chat) through both backends
     imp = tmp_path / "vllm_implicit"

@@ -1,14 +1,17 @@
 """vLLM vs hf on the real model (SmolLM2-135M-Instruct, fp32): every completion token within verify's fp32
 tolerance |diff| <= 1e-4 + 1e-5 |log p|, on chat rows (its ChatML template) and longer plain-text pairs;
-`refcache verify` passes on the vLLM cache. One engine for the module."""
+`refcache verify` passes on the vLLM cache; CHES from vLLM's second engine equals hf's within 1e-4 of each score's
+scale. One vLLM scorer (its two engines) for the module."""
 
 import json
 
 import numpy as np
 import pytest
+from oracles import ches_diff
 
+from pipeline.backends import HFScorer
 from pipeline.cache import load_table
-from pipeline.precompute import precompute
+from pipeline.precompute import format_summary, precompute
 from pipeline.verify import TOLERANCE, compare
 from refcache.cli import main as cli_main
 
@@ -104,6 +107,19 @@ def test_vllm_matches_hf_on_smollm2_fp32(tmp_path, smollm2_vllm, smollm2_dir, pa
               f"{r['worst_ratio']:.2f} at log p {r['worst_logp']:.3g}; margin error at beta 0.1 max "
               f"{r['margin_error_max']:.2g}")
     assert r["passed"], r
+
+    # CHES: finite for every pair; on a handful of them (chat rows and the long pairs) equal to hf's within 1e-4 of
+    # each score's scale (tests/oracles.direct_ches)
+    cols = ["prompt_ids", "chosen_ids", "rejected_ids", "ches", "ln_ches"]
+    vrows, hrows = load_table(vcache, cols).to_pylist(), load_table(hcache, cols).to_pylist()
+    assert all(np.isfinite(x["ches"]) and np.isfinite(x["ln_ches"]) for x in vrows)
+    some = slice(None, None, 4)
+    worst = ches_diff(HFScorer(smollm2_dir, "float32").model, vrows[some], hrows[some])
+    with capsys.disabled():
+        print(f"SmolLM2 fp32, vLLM vs hf CHES on {len(vrows[some])} pairs: max |diff| / scale: ches "
+              f"{worst['ches']:.2g}, ln_ches {worst['ln_ches']:.2g}; "
+              + next(x for x in format_summary(s).splitlines() if x.startswith("CHES cost")))
+    assert worst["ches"] <= 1e-4 and worst["ln_ches"] <= 1e-4
 
     # `refcache verify` re-scores the vLLM cache with hf (its two-rows-per-pair oracle) and agrees
     capsys.readouterr()

