@@ -13,3 +13,10 @@ def one_line_error(capsys, argv) -> str:
     assert rc == 2, err
     assert err.count("\n") == 1 and line and "\n" not in line and "Traceback" not in err, err
     return line
+
+
+def rows_of(src, dest, start=0, stop=None):
+    """Write lines start..stop of the JSONL file `src` to `dest` (a small input made from the embedded data);
+    returns `dest`."""
+    dest.write_text("".join(src.read_text().splitlines(keepends=True)[start:stop]))
+    return dest

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, rows_of
 
 import queries
 from dpo import data as D
@@ -46,9 +46,7 @@ def scorer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, prefs_dir):
-    path = tmp_path_factory.mktemp("faults") / "pairs.jsonl"
-    path.write_text("".join((prefs_dir / "train.jsonl").read_text().splitlines(keepends=True)[:ROWS]))
-    return path
+    return rows_of(prefs_dir / "train.jsonl", tmp_path_factory.mktemp("faults") / "pairs.jsonl", stop=ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, rows_of
 
 import queries
 from pipeline.precompute import precompute
@@ -55,9 +55,8 @@ def losses(run) -> list:
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, prefs_dir):
     d = tmp_path_factory.mktemp("data")
-    rows = (prefs_dir / "train.jsonl").read_text().splitlines(keepends=True)
-    (d / "a.jsonl").write_text("".join(rows[:40]))
-    (d / "b.jsonl").write_text("".join(rows[40:80]))  # other pairs
+    rows_of(prefs_dir / "train.jsonl", d / "a.jsonl", stop=40)
+    rows_of(prefs_dir / "train.jsonl", d / "b.jsonl", 40, 80)  # other pairs
     return d
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, rows_of
 
 from pipeline.cache import load_table, read_manifest
 from pipeline.distributed import ACTOR_PREFIX, actor_plan, cpus_per_actor
@@ -33,9 +33,7 @@ KW = {"backend": "hf", "dtype": "float32", "progress": False}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, prefs_dir):
-    path = tmp_path_factory.mktemp("ray") / "pairs.jsonl"
-    path.write_text("".join((prefs_dir / "train.jsonl").read_text().splitlines(keepends=True)[:ROWS]))
-    return path
+    return rows_of(prefs_dir / "train.jsonl", tmp_path_factory.mktemp("ray") / "pairs.jsonl", stop=ROWS)
 
 
 @pytest.fixture(scope="module")
