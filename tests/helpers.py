@@ -1,5 +1,8 @@
 """Helpers shared by several test files (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
+import hashlib
+from pathlib import Path
+
 from refcache.cli import main as cli_main
 
 
@@ -20,3 +23,10 @@ def rows_of(src, dest, start=0, stop=None):
     returns `dest`."""
     dest.write_text("".join(src.read_text().splitlines(keepends=True)[start:stop]))
     return dest
+
+
+def tree_digest(*dirs) -> dict:
+    """{file: sha256} of every file under `dirs` (hidden ones too): equal before and after means nothing there was
+    written, removed or left behind."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}

@@ -3,7 +3,6 @@ did not make, stage 3 never joins a run to a cache it did not train on, paths ar
 subset is pinned, SIGTERM stops cleanly and resumes, a cache or run is identified by content (not by the path
 spelling), a damaged latest checkpoint is passed over, and the smaller cases of point 8."""
 
-import hashlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_line_error, rows_of
+from helpers import one_line_error, rows_of, tree_digest
 
 import queries
 from pipeline.precompute import precompute
@@ -30,13 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--probe-every", "2", "--probe-size", "8",
         "--threads", "1", "--no-progress", "--checkpoint-every", "2"]
 KW = {"backend": "hf", "dtype": "float32", "progress": False}
-
-
-def tree_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(d).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(d)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def train_cli(cache, out, *extra, env=None, check=True):

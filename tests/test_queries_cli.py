@@ -1,15 +1,14 @@
 """`refcache query` / `sql`: output formats, read-only enforcement, one-line errors for bad input."""
 
 import argparse
-import hashlib
 import json
 import shutil
 import struct
-from pathlib import Path
 
 import duckdb
 import polars as pl
 import pytest
+from helpers import tree_digest
 from synth import make_world
 
 import queries
@@ -38,11 +37,6 @@ def error_of(argv, capsys) -> str:
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 400, msg
     return msg
-
-
-def tree_digest(*dirs) -> dict:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
 
 
 def test_list_and_formats(world, capsys, tmp_path):

@@ -1,7 +1,6 @@
 """Stage-2 faults and bad input (issue 10): values out of range are refused with one line before any work;
 `--out` never deletes what refcache did not write; a half-created run resumes; a second writer is refused."""
 
-import hashlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, tree_digest
 
 from dpo import losses as L
 from dpo.config import TrainConfig, validate
@@ -97,29 +96,17 @@ def test_loss_parameters_have_one_source():
     assert L.param_defaults("beta")["simpo"] == 2.0
 
 
-def _tree_digest(path):
-    h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            h.update(os.path.relpath(p, path).encode())
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
 @pytest.mark.parametrize("resume", [True, False])
 def test_out_pointing_at_a_model_directory_is_refused_untouched(capsys, tmp_path, train_cache, tiny_model_dir,
                                                                  resume):
     """`--out SOME_MODEL_DIR --resume` used to delete the model and put a run there (exit 0)."""
     model = tmp_path / "my-model"
     shutil.copytree(tiny_model_dir, model)
-    before = _tree_digest(model)
+    before = tree_digest(model)
     err = one_line_error(capsys, ["train", "--cache", str(train_cache), "--out", str(model), *FAST,
                                   *(["--resume"] if resume else [])])
     assert "not a refcache run" in err and "--resume" in err
-    assert _tree_digest(model) == before and sorted(os.listdir(model)) == sorted(os.listdir(tiny_model_dir))
+    assert tree_digest(model) == before and sorted(os.listdir(model)) == sorted(os.listdir(tiny_model_dir))
 
 
 def test_half_created_run_resumes(capsys, tmp_path, train_cache):
