@@ -57,7 +57,7 @@ def add_config_flags(p, sweep=False):
         if "action" not in kw:
             kw["type"] = scalar_type(name)
             kw["default"] = kw.pop("cli_default", None if f.default is dataclasses.MISSING else f.default)
-            if name in CHOICES and name != "loss":  # the loss name is checked with the list of losses
+            if name in CHOICES:
                 kw["choices"] = CHOICES[name]
         if sweep and name in SWEEP_FIELDS:
             kw["type"] = str

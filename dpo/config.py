@@ -35,8 +35,7 @@ def _with_loss_params(cls):
     return dataclass(cls)
 
 
-CHOICES = {
-    "loss": tuple(LOSSES),
+CHOICES = {  # the loss name is checked with the list of losses: check_loss
     "schedule": ("cosine", "linear", "constant"),
     "dtype": ("float32", "bfloat16"),
     "device": ("auto", "cpu", "cuda"),

@@ -146,18 +146,10 @@ def check_out_dir(out, data=None):
         ours = _OWN_NAME.fullmatch(f.name) or (v1 and _V1_NAME.fullmatch(f.name))
         if not ours and PART_RE.fullmatch(f.name) and f.is_file():  # ours: our metadata, or on our record
             recorded = recorded_sums(out) if recorded is None else recorded
-            ours = f.name in recorded or _has_our_meta(f)
+            ours = f.name in recorded or part_meta(f) is not None
         if not ours:
             raise UserError(f"--out {out} holds files refcache did not write (e.g. {f.name}); precompute writes only "
                             "into a new or empty directory or one of its own caches: choose a new --out")
-
-
-def _has_our_meta(path: Path) -> bool:
-    """Whether a Parquet file carries refcache's part metadata (a part we wrote, even a damaged one's footer)."""
-    try:
-        return META_KEY in (pq.read_schema(path).metadata or {})
-    except (OSError, ValueError, pa.ArrowException):
-        return False
 
 
 def settings_fingerprint(settings: dict) -> str:
