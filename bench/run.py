@@ -20,6 +20,8 @@ with its error line and the others go on):
     streaming       bench/streaming.py  `refcache precompute` peak RSS over 20k and 200k short pairs
     real            bench/real.py       SmolLM2-135M-Instruct: stage 1 (hf, --compile, vllm, plain loop, TRL) and
                                         stage 2 (cached, --live-ref, TRL) on chat pairs; the `real_*` figures
+    real_fsdp_memory bench/fsdp_memory.py  fsdp_memory on SmolLM2-135M
+    ches_study      bench/ches_study.py does ln-CHES predict displacement on SmolLM2? (real_ches_* figures)
 
 Then merges them into BENCHMARKS.json (the issue's keys plus the raw figures) and rewrites the marked section
 of BENCHMARKS.md (a table: figure, value, target, met?; machine, versions, settings). --quick writes both to
@@ -48,7 +50,7 @@ import matmul
 import workload as wl
 
 PIECES = ["workload", "matmul", "stage1", "trl_precompute", "train", "fsdp_memory", "trl_live", "sweep_refcache",
-          "sweep_trl", "queries", "streaming", "real", "real_fsdp_memory"]
+          "sweep_trl", "queries", "streaming", "real", "real_fsdp_memory", "ches_study"]
 BEGIN, END = "<!-- BEGIN bench/run.py results -->", "<!-- END bench/run.py results -->"
 
 # (key, target operator, target value, what it is)
@@ -271,6 +273,13 @@ def piece_real_fsdp_memory(ctx):
             "--batch-size", 4, "--max-length", 512, "--work", ctx["work"] / "real_fsdp_memory",
             "--json", ctx["res"] / "real_fsdp_memory.json", "--grad-checkpointing"]
     run_piece("real_fsdp_memory", argv, ctx["res"], ctx["s"]["timeout_s"])
+
+
+def piece_ches_study(ctx):
+    """ln-CHES against the chosen drop on SmolLM2 (bench/ches_study.py: its own on-policy pairs and cache)."""
+    argv = [py(), BENCH / "ches_study.py", "--work", ctx["work"] / "ches_study", "--json",
+            ctx["res"] / "ches_study.json"] + (["--quick"] if ctx["quick"] else [])
+    run_piece("ches_study", argv, ctx["res"], ctx["s"]["timeout_s"])
 
 
 def piece_sweep_refcache(ctx):
@@ -548,6 +557,9 @@ def merge(res, s, status):
     if real := load(res, "real"):
         figs |= real["figures"]
         raw["real"] = {k: real.get(k) for k in ("markdown", "raw", "workload", "settings", "loadavg")}
+    if study := load(res, "ches_study"):
+        figs |= {k: v for k, v in study.items() if k != "raw"}
+        raw["ches_study"] = {k: v for k, v in study["raw"].items() if k != "single"}
 
     checks = {k: met(figs.get(k), op, v) for k, op, v, _ in TARGETS}
     targets = {k: {"op": op, "value": v, "met": checks[k]} for k, op, v, _ in TARGETS}
@@ -719,7 +731,8 @@ STEPS = {"workload": piece_workload, "matmul": piece_matmul, "stage1": piece_sta
          "trl_precompute": piece_trl_precompute, "train": piece_train, "fsdp_memory": piece_fsdp_memory,
          "trl_live": piece_trl_live,
          "sweep_refcache": piece_sweep_refcache, "sweep_trl": piece_sweep_trl, "queries": piece_queries,
-         "streaming": piece_streaming, "real": piece_real, "real_fsdp_memory": piece_real_fsdp_memory}
+         "streaming": piece_streaming, "real": piece_real, "real_fsdp_memory": piece_real_fsdp_memory,
+         "ches_study": piece_ches_study}
 
 
 def main():
@@ -756,7 +769,7 @@ def main():
     for name in todo:
         t = time.perf_counter()
         try:
-            if name not in ("workload", "streaming", "real", "real_fsdp_memory") and ctx["w"] is None:  # these make their own pairs
+            if name not in ("workload", "streaming", "real", "real_fsdp_memory", "ches_study") and ctx["w"] is None:  # these make their own pairs
                 ctx["w"] = workload_record(quick)
             STEPS[name](ctx)
             status[name] = {"ok": True, "seconds": time.perf_counter() - t}

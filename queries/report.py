@@ -3,7 +3,8 @@
 Plots: the TRL-style per-step curves from steps.parquet (loss, rewards/*, logps/*, grad_norm, learning_rate);
 drift of chosen and rejected log-probs on one shared scale with p10-p90 bands (train vs eval probes in
 different colours and line styles); the shares of pairs that fell; margin and accuracy with the collapse alarm
-marked; the length scatter and correlations (none at step 0, where margins are rounding). Tables: the runs,
+marked; the length scatter and correlations (none at step 0, where margins are rounding); ln-CHES against the
+observed chosen drop (with displacement_prediction's rank correlation and interval). Tables: the runs,
 the findings (only effects above noise) with the `effects` rows behind them, collapse windows, and the top
 displaced pairs with their text (decoded with the tokenizer named in the cache manifest when it is a local
 directory). One `top` sizes both the displaced-pairs table and the findings.
@@ -273,6 +274,45 @@ def _plot_length(con, length, runs, out_dir):
     return _save(fig, out_dir, "length.png")
 
 
+def ches_points(con) -> pl.DataFrame:
+    """run, split, pair_id, ln_ches, chosen_drop (reference - policy chosen log-prob, nats) of every probe pair
+    with CHES at its run's last probe step."""
+    return con.sql(
+        """WITH info AS (SELECT pair_id, any_value(ln_ches) AS ln_ches FROM pairs
+                         WHERE pair_id IN (SELECT pair_id FROM probe_rows(-1, 'all')) GROUP BY pair_id)
+           SELECT e.run, e.split, e.pair_id, i.ln_ches, e.ref_chosen_logp - e.policy_chosen_logp AS chosen_drop
+           FROM probe_rows(-1, 'all') e JOIN info i USING (pair_id) WHERE i.ln_ches IS NOT NULL""").pl()
+
+
+def _plot_ches(con, pred, runs, out_dir):
+    """ln-CHES (known before training) against the chosen drop each probe pair showed at its run's last probe
+    step, with displacement_prediction's Spearman and interval per run; None when the cache has no CHES."""
+    pts = ches_points(con)
+    if pts.is_empty():
+        return None
+    fig, axes = _figure(1, height=4.6)
+    ax = axes[0]
+    colours = _split_colours(runs)
+    rho = pred.filter((pl.col("predictor") == "ln_ches") & (pl.col("metric") == "spearman")) if pred.height else pred
+    for run in runs:
+        for split in ("train", "eval"):
+            p = pts.filter((pl.col("run") == run) & (pl.col("split") == split))
+            if p.height:
+                label = SPLIT_WORDS[split] if len(runs) == 1 else f"{run} {split}"
+                ax.scatter(p["ln_ches"].to_numpy(), p["chosen_drop"].to_numpy(), s=12, alpha=0.7,
+                           color=colours[(run, split)], edgecolors="none", label=label)
+    ax.axhline(0, color="0.4", lw=0.8)
+    lines = [f"{r['run']}: Spearman {num(r['estimate'])} [{num(r['ci_low'])}, {num(r['ci_high'])}], n {r['n']}"
+             for r in rho.iter_rows(named=True) if r["estimate"] is not None]
+    ax.set_title("ln-CHES before training vs the chosen drop at the last probe step\n"
+                 + ("; ".join(lines) or "no rank correlation (too few pairs)"), fontsize=10)
+    ax.set_xlabel("ln_ches (higher = predicted to displace)")
+    ax.set_ylabel("chosen drop: reference − policy log-prob (nats)")
+    ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    return _save(fig, out_dir, "ches_vs_drop.png")
+
+
 def _tokenizer_for(manifest: dict):
     """A tokenizer from the manifest's model/tokenizer path if that is a local directory, else None."""
     cands = []
@@ -462,7 +502,11 @@ def write_report(runs, caches=None, out_dir="report", *, top=None) -> Path:
                          "noise (see Findings), so the run as a whole shows no displacement; the pairs below "
                          "moved by more than float rounding, not necessarily by more than chance.</p>")
         parts.append(_displaced_html(disp, _pair_texts(con, disp)))
-        parts.append(_prediction_html(run_query(con, "displacement_prediction", {"top": top})))
+        pred = run_query(con, "displacement_prediction", {"top": top})
+        parts.append(_prediction_html(pred))
+        if drift.height and (name := _plot_ches(con, pred, names, out)):
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            parts.append(f"<img alt='{name}' src='data:image/png;base64,{data}'>")
     else:
         parts.append("<p class=note>No cache attached (pass --cache CACHE): pair text and edit distances "
                      "come from the cache.</p>")

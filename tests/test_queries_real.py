@@ -9,7 +9,7 @@ import pytest
 from oracles import levenshtein
 
 import queries
-from queries.report import write_report
+from queries.report import ches_points, write_report
 
 train_mod = pytest.importorskip("dpo.train", reason="stage 2 (dpo.train) not built yet")
 
@@ -66,6 +66,16 @@ def test_real_run_every_diagnostic_answers(real_run, tmp_path):
     assert disp["shared_prefix_len"].null_count() == 0  # every probe pair found in the caches
     page = write_report([real_run["run"]], out_dir=tmp_path / "rep").read_text()
     assert "decoded with the cache's tokenizer" in page
+    # ln-CHES against the chosen drop: every probe pair at the last probe step, drops as the examples log has them
+    assert "alt='ches_vs_drop.png'" in page and (tmp_path / "rep" / "ches_vs_drop.png").stat().st_size > 10_000
+    pts = ches_points(con)
+    ex = pl.read_parquet(real_run["run"] / "examples" / "*.parquet").filter(pl.col("source") == "probe")
+    last = ex.filter(pl.col("step") == ex["step"].max())
+    assert pts.height == last.height > 0 and pts["ln_ches"].null_count() == 0
+    both = pts.join(last, on=["split", "pair_id"])
+    assert both.height == pts.height
+    want = both["ref_chosen_logp"] - both["policy_chosen_logp"]
+    assert (both["chosen_drop"] - want).abs().max() < 1e-12
 
 
 

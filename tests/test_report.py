@@ -73,6 +73,7 @@ def test_report_html_and_plots(world, tmp_path):
     tail = " ".join(f"w{i}" for i in ids[k:])[:60]
     assert tail in page and "decoded with the cache's tokenizer" in page
     assert "Run comparison" in page  # two runs: compare table
+    assert "ches_vs_drop.png" not in page  # this world's cache has no CHES: no ln-CHES scatter
     # the default top is one number: displacement's limit, for the table and the findings alike
     page = write_report(world["runs"], out_dir=tmp_path / "rep15").read_text()
     assert "Top 15 displaced pairs" in page and "of the top 15 displaced pairs" in page
