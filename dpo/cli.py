@@ -1,13 +1,31 @@
 """`refcache train` and `refcache sweep`: command-line front ends of dpo.train.train and dpo.sweep.sweep. Every
-flag is made from its TrainConfig field's declaration (dpo/config.py `setting`): name, type, default, help."""
+flag is made from its TrainConfig field's declaration (dpo/config.py `setting`): name, type, default, help, and
+TRL's names for it. A TRL name whose value is the field's is one more spelling of the flag (--learning_rate,
+--learning-rate); one whose value needs converting (--loss_type ipo, --per_device_train_batch_size 2, --bf16) is
+a hidden flag of its own, converted by `apply_trl` once everything is parsed. `--config FILE` gives the same
+settings from a YAML or JSON file (refcache.cli.Parser); the flags on the command line win."""
 
+import argparse
 import dataclasses
 import os
 import textwrap
 
-from dpo.config import CHOICES, FIELDS, SWEEP_FIELDS, TrainConfig, flag, scalar_type
+from dpo.config import (
+    CHOICES,
+    FIELDS,
+    SWEEP_FIELDS,
+    TRL_ACCEPTED,
+    TRL_UNSUPPORTED,
+    TrainConfig,
+    Trl,
+    flag,
+    scalar_type,
+)
 from dpo.losses import PARAMS
 from refcache_base import UserError
+
+CONFIG_HELP = ("read settings from a YAML or JSON file: TRL's DPOConfig / TrainingArguments names (learning_rate, "
+               "per_device_train_batch_size, ...) or refcache's; flags given here win (README \"Coming from TRL\")")
 
 
 def add_commands(sub):
@@ -21,7 +39,8 @@ def add_commands(sub):
         "--epochs 1",
     )
     add_config_flags(p)
-    p.add_argument("--out", required=True, help=FIELDS["out"].metadata["help"])
+    out = p.add_argument(*_spellings("out"), dest="out", required=True, help=_help("out"))
+    out.hidden_options = out.option_strings[1:]
     p.set_defaults(func=cmd_train)
 
     fields = ", ".join(flag(f) for f in SWEEP_FIELDS)
@@ -43,19 +62,23 @@ def add_commands(sub):
 
 def add_config_flags(p, sweep=False):
     """One flag per TrainConfig field that declares one, in declaration order, each loss parameter right after
-    --loss. In a sweep the SWEEP_FIELDS flags are read as text (comma lists) and --beta is required."""
+    --loss, with TRL's names for it; the TRL settings refcache takes at one value (TRL_ACCEPTED); --config.
+    In a sweep the SWEEP_FIELDS flags are read as text (comma lists) and --beta is required."""
     groups = {}
+
+    def where(group):
+        if group and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group()
+        return groups[group] if group else p
+
     for name in _flag_order():
         f = FIELDS[name]
-        meta = f.metadata
-        kw = dict(meta["argparse"])
-        names = [meta["flag"] if isinstance(meta["flag"], str) else flag(name)]
+        kw = dict(f.metadata["argparse"])
         group = kw.pop("group", None)
-        kw["help"] = meta["help"]
-        if names[0] != flag(name):
-            kw["dest"] = name
+        kw["help"] = _help(name)
+        kw["dest"] = name
         if "action" not in kw:
-            kw["type"] = scalar_type(name)
+            kw["type"] = scalar_type(name) if name != "adam_betas" else float
             kw["default"] = kw.pop("cli_default", None if f.default is dataclasses.MISSING else f.default)
             if name in CHOICES:
                 kw["choices"] = CHOICES[name]
@@ -63,9 +86,60 @@ def add_config_flags(p, sweep=False):
             kw["type"] = str
             kw.pop("choices", None)
             kw["required"] = kw.get("required", False) or name == "beta"
-        if group and group not in groups:
-            groups[group] = p.add_mutually_exclusive_group()
-        (groups[group] if group else p).add_argument(*names, **kw)
+        action = where(group).add_argument(*_spellings(name), **kw)
+        action.hidden_options = action.option_strings[1:]
+        for t in f.metadata["trl"]:
+            if t.convert:
+                _add_trl_flag(where(group), t)
+    for t in TRL_ACCEPTED:
+        _add_trl_flag(p, t)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.settings_option = "--config"  # refcache.cli.Parser reads it
+    p.flag_hints = TRL_UNSUPPORTED
+
+
+def _spellings(name) -> list:
+    """The flag of field `name` as refcache spells it, then TRL's names for it whose value is the field's, with
+    `_` and with `-`."""
+    meta = FIELDS[name].metadata
+    own = meta["flag"] if isinstance(meta["flag"], str) else flag(name)
+    trl = [s for t in meta["trl"] if not t.convert for s in ("--" + t.name, flag(t.name))]
+    return list(dict.fromkeys([own, *trl]))
+
+
+def _help(name) -> str:
+    """The field's help, and TRL's names for it."""
+    trl = [t.name for t in FIELDS[name].metadata["trl"] if t.name != name]  # --beta is TRL's beta
+    return FIELDS[name].metadata["help"] + (f" [TRL: {', '.join(trl)}]" if trl else "")
+
+
+def _add_trl_flag(p, t: Trl):
+    """A hidden flag for TRL's `t.name` whose value `apply_trl` converts; as text, and as a --config file gives it."""
+    kw = {"nargs": "?", "const": "true"} if t.switch else {}
+    a = p.add_argument(*dict.fromkeys(["--" + t.name, flag(t.name)]), dest=_trl_dest(t), default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS, **kw)
+    a.raw_settings = True
+
+
+def _trl_dest(t: Trl) -> str:
+    return "trl_" + t.name
+
+
+def apply_trl(args, sweep=False):
+    """Put the values of the TRL flags that need converting (and of the --config file's such keys) into the
+    fields they set, in declaration order; check the TRL_ACCEPTED ones. A sweep's comma lists are converted one
+    value at a time."""
+    todo = [(name, t) for name, f in FIELDS.items() for t in f.metadata["trl"] if t.convert]
+    for name, t in [*todo, *((None, t) for t in TRL_ACCEPTED)]:
+        if not hasattr(args, _trl_dest(t)):
+            continue
+        value = getattr(args, _trl_dest(t))
+        if sweep and name in SWEEP_FIELDS and isinstance(value, str):
+            value = ",".join(str(t.convert(v.strip(), args)) for v in value.split(",") if v.strip())
+        else:
+            value = t.convert(value, args)
+        if name:
+            setattr(args, name, value)
 
 
 def _flag_order() -> list:
@@ -97,6 +171,7 @@ def cmd_train(args) -> int:
     from dpo.config import validate
     from dpo.train import train
 
+    apply_trl(args)
     cfg = validate(config_from(args))
     check_cache(cfg.cache, "--cache")
     if cfg.eval_cache:
@@ -110,6 +185,7 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from dpo.sweep import sweep
 
+    apply_trl(args, sweep=True)
     sweep(args)
     return 0
 
@@ -123,3 +199,18 @@ def _print_summary(s):
         line += (f", eval pass on {full['pairs']} pairs: loss {full['loss']:.4f}, reward accuracy "
                  f"{full['reward_accuracy']:.3f}")
     print(line)
+
+
+def trl_table() -> str:
+    """README "Coming from TRL": every TRL name refcache takes (the flag it sets, and what differs), and the ones
+    it does not (why), from the declarations in dpo/config.py. tests/test_trl_names.py checks the README holds
+    exactly this; regenerate with `python -c "from dpo.cli import trl_table; print(trl_table())"`."""
+    rows = ["| TRL / transformers | refcache | difference |", "|---|---|---|"]
+    for name, f in FIELDS.items():
+        for t in f.metadata["trl"]:
+            rows.append(f"| `{t.name}` | `{_spellings(name)[0]}` | {t.note} |")
+    for t in TRL_ACCEPTED:
+        rows.append(f"| `{t.name}` | (nothing to set) | {t.note} |")
+    rows += ["", "| not taken | why |", "|---|---|"]
+    rows += [f"| `{name}` | {why} |" for name, why in TRL_UNSUPPORTED.items()]
+    return "\n".join(rows)

@@ -450,6 +450,13 @@ LOSSES = {
     ]
 }
 
+# TRL 1.16's DPOConfig.loss_type values with the same formula here (tests/test_losses.py checks each against TRL):
+# TRL's `ipo` averages the log ratios per token, which is `ipo_norm` here (`ipo` here sums them). TRL's `sft`
+# (a batch-mean NLL term, combined with other losses by loss_weights) has no counterpart: one loss per run.
+TRL_LOSS_TYPES = {"ipo": "ipo_norm"} | {name: name for name in (
+    "sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+    "apo_down", "discopop", "sigmoid_norm")}
+
 # Losses whose per-example values are tied to ranks in the sorted batch, not to pairs.
 BATCH_LEVEL = {"aot", "aot_unpaired"}
 

@@ -6,7 +6,8 @@ match.
   a directory holding anything else (a Hugging Face model, say) is refused, with or without --resume.
 - A lock file (refcache_base.lock.DirLock) keeps a second writer out while a run writes the directory.
 - A resume must ask for the same settings as the run recorded; caches and the policy are compared by content
-  (IDENTIFIED_BY), the --where subset by the pair ids it kept.
+  (IDENTIFIED_BY), the --where subset by the pair ids it kept. A run whose config.json records another
+  `lr_schedule` (dpo.train.LR_SCHEDULE; runs of refcache before it record none) is not resumed.
 
 Files inside it: dpo/runlog.py (logs), dpo/checkpoint.py (checkpoints); schemas in refcache_base/runlog_schema.py.
 """
@@ -133,6 +134,11 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
     ckpt = checkpoint.latest(out) if state == "run" else None
     if ckpt:
         old = read_run_config(out)
+        if old.get("lr_schedule") != resolved["lr_schedule"]:
+            raise UserError(f"{out} was started by an earlier refcache whose learning-rate schedule differs from "
+                            "this one's (now transformers' formulas: warmup from 0, decay that ends after the last "
+                            "update); resuming would change its learning rates mid-run: train it again in a new "
+                            "--out")
         if changed := _changed(old, resolved):
             # causes first; what follows from them (counts, steps) after
             changed.sort(key=lambda k: k in ("train_pairs", "eval_pairs", "steps_per_epoch", "total_steps",

@@ -86,17 +86,25 @@ def _values(args, field) -> list:
     return list(dict.fromkeys(out))
 
 
+TAIL = 10  # steps the comparison averages the training loss over
+
+
 def _print_comparison(dirs: list):
-    """Side by side at the last probe step every run reached: the run-comparison diagnostic of stage 3."""
+    """Side by side at the last probe step every run reached: the run-comparison diagnostic of stage 3, as
+    `refcache query` prints tables. loss_last10 is the mean training loss of each run's last 10 steps (what `train`
+    prints as its final loss is the last step's alone)."""
+    import shutil
+
     import polars as pl
 
     from queries import connect, run_query
+    from queries.fmt import render_table
 
-    cols = ["run", "split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share", "margin_mean",
-            "accuracy", "final_loss"]
-    table = run_query(connect(runs=dirs), "compare").select(cols)
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=180, fmt_str_lengths=48, tbl_hide_dataframe_shape=True):
-        print(table)
+    table = run_query(connect(runs=dirs), "compare", {"tail": TAIL}).select(
+        "run", "split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share", "margin_mean",
+        "accuracy", pl.col("final_loss").alias(f"loss_last{TAIL}"))
+    print(render_table(table, width=shutil.get_terminal_size((120, 40)).columns, max_rows=None,
+                       more_hint=f"every column: refcache query compare --run {' '.join(dirs)}"), end="")
     print(f"more: refcache query compare --run {' '.join(dirs)}   |   refcache report {' '.join(dirs)}")
 
 

@@ -191,7 +191,7 @@ def setup(cfg: TrainConfig) -> Run:
             raise UserError(f"{cfg.cache}: {len(train_pairs)} pairs{kept} are fewer than --batch-size "
                             f"{cfg.batch_size}; pass --batch-size {len(train_pairs)} or less")
         total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
-        warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total_steps))
+        warmup = warmup_steps(cfg.warmup, total_steps)
         parallel = parallel_mode(cfg.parallel, world)
         resolved = _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_per_epoch, warmup)
         resolved.update(where_pairs=where_pairs, model_sha256=model_sha256)
@@ -273,6 +273,7 @@ def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "warmup_steps": warmup,
+        "lr_schedule": LR_SCHEDULE,
         "world_size": world.size,
         "sharded": parallel == "fsdp",
         "micro_batch_size": cfg.batch_size // (world.size * cfg.grad_accum),
@@ -288,18 +289,34 @@ def _resolved(cfg, world, parallel, train_pairs, eval_pairs, total_steps, steps_
     }
 
 
+def warmup_steps(warmup: float, total: int) -> int:
+    """--warmup as steps: a number of steps, or below 1 a fraction of `total` rounded up (transformers'
+    get_warmup_steps)."""
+    return int(warmup) if warmup >= 1 else math.ceil(warmup * total)
+
+
+# The formulas of lr_factor, recorded in config.json: a run made with others (refcache before it recorded one,
+# whose decay reached min_lr_ratio at the last update) is not resumed with these.
+LR_SCHEDULE = "transformers"
+
+
 def lr_factor(s: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at update s: linear warmup ((s+1)/warmup), then cosine/linear decay to
-    min_ratio at the last update, or constant."""
-    if s < warmup:
-        return (s + 1) / warmup
+    """Multiplier of the peak lr at update s (0-based) of `total`, as transformers' get_scheduler(schedule,
+    num_warmup_steps=warmup, num_training_steps=total) computes it: warmup rises linearly from 0 (s / warmup),
+    then cosine or linear decay towards 0 at step `total` (so the last update's lr is still > 0), or constant.
+    min_ratio > 0 decays towards that fraction instead: for cosine, transformers' cosine_with_min_lr with
+    min_lr_rate; for linear the same blend (transformers has no linear one). "constant" has no warmup."""
     if schedule == "constant":
         return 1.0
-    progress = (s - warmup) / max(1, total - warmup - 1)
-    progress = min(1.0, progress)
+    if s < warmup:
+        return s / max(1, warmup)
+    if schedule == "constant_with_warmup":
+        return 1.0
     if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = max(0.0, (total - s) / max(1, total - warmup))
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return max(0.0, decay * (1 - min_ratio) + min_ratio)
 
 
 # ---- the end ------------------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ def add_commands(sub):
     p.add_argument("--backend", default=d["backend"], choices=["auto", *BACKENDS],
                    help="auto: vllm on a GPU, hf on a CPU (faster there, see BENCHMARKS.md)")
     p.add_argument("--dtype", default=d["dtype"], choices=["float32", "bfloat16"], help="scoring dtype")
-    p.add_argument("--max-length", type=int, default=d["max_length"],
+    p.add_argument("--max-length", "--max_length", type=int, default=d["max_length"],
                    help=f"max prompt+completion tokens (default: {DEFAULT_MAX_LENGTH}, or less to fit the model's "
-                        "context and --max-model-len)")
-    p.add_argument("--max-prompt-length", type=_opt_int, default=d["max_prompt_length"],
+                        "context and --max-model-len) [TRL: max_length]").hidden_options = ["--max_length"]
+    p.add_argument("--max-prompt-length", "--max_prompt_length", type=_opt_int, default=d["max_prompt_length"],
                    help="prompt tokens kept when a pair is too long; auto = half of --max-length, rounded up; "
-                        "none = never cut the prompt")
+                        "none = never cut the prompt [TRL: max_prompt_length]").hidden_options = ["--max_prompt_length"]
     p.add_argument("--truncation-mode", default=d["truncation_mode"], choices=["keep_end", "keep_start"],
                    help="which end of an over-long prompt to keep")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],

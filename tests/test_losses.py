@@ -183,22 +183,7 @@ def test_registry_params_and_checks():
 
 # ---- agreement with TRL 1.16 -------------------------------------------------------------------------------
 
-TRL_SAME = {  # our name -> TRL loss_type with the same formula
-    "sigmoid": "sigmoid",
-    "hinge": "hinge",
-    "ipo_norm": "ipo",
-    "robust": "robust",
-    "exo_pair": "exo_pair",
-    "nca_pair": "nca_pair",
-    "bco_pair": "bco_pair",
-    "sppo_hard": "sppo_hard",
-    "aot": "aot",
-    "aot_unpaired": "aot_unpaired",
-    "apo_zero": "apo_zero",
-    "apo_down": "apo_down",
-    "discopop": "discopop",
-    "sigmoid_norm": "sigmoid_norm",
-}
+TRL_SAME = {ours: trl for trl, ours in L.TRL_LOSS_TYPES.items()}  # our name -> TRL loss_type, same formula
 
 
 def trl_loss(loss_type, pc, pr, rc, rr, lc, lr, beta, label_smoothing, tau):

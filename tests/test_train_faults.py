@@ -69,7 +69,7 @@ def test_python_api_types_and_combinations(train_cache, tmp_path):
                         ({"steps": 3, "epochs": 1.0}, "not both"),
                         ({"dtype": "fp8"}, "--dtype 'fp8' is not one of"),
                         ({"parallel": "zero3"}, "--parallel 'zero3' is not one of"),
-                        ({"adam_betas": (0.9, 1.5)}, "adam_betas"),
+                        ({"adam_betas": (0.9, 1.5)}, "--adam-betas must be two numbers"),
                         ({"eval_every": 5}, "--eval-every .*--eval-cache"),
                         ({"beta": "0.1"}, "--beta must be > 0")):
         with pytest.raises(UserError, match=message):

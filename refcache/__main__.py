@@ -1,0 +1,5 @@
+import sys
+
+from refcache.cli import main
+
+sys.exit(main())
