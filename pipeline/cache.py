@@ -7,7 +7,9 @@
     CACHE/__refcache__/           refcache's own files, out of the parts' glob (SIDE):
       manifest.json               written by merge once every part is present and valid: the cache's identity
                                   and the part list with each part's bytes and sha256
-      rejected_rows.parquet       source_index, source_file, reason (merged from the parts)
+      rejected_rows.parquet       source_index, source_file, reason_kind, reason (merged from the parts;
+                                  pipeline/reject.py; reason_kind is null, or absent in a file written
+                                  before it, for rows of parts written before kinds)
       _written-I-of-N.jsonl       shard I/N's log: {file, bytes, sha256} of each part, appended before the part
                                   is renamed into place (a resumed run reuses a part only if its sha256 is on
                                   record, so a part damaged after it was written is recomputed, never blessed);
@@ -39,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import reject
 from pipeline.fingerprint import file_sha256
 from refcache_base import UserError, __version__
 from refcache_base.cache_schema import (
@@ -263,13 +266,19 @@ def settings_diff(old: dict, new: dict) -> list[str]:
 
 
 def _inner_diff(old: dict, new: dict) -> str:
-    """What changed inside the differing settings that are dicts, e.g. "tokenization.max_length 1023 -> 600"."""
+    """What changed: inside the differing settings that are dicts, e.g. "tokenization.max_length 1023 -> 600", and
+    the others but hashes, e.g. "limit 4 -> None"."""
     def show(d, k):
         r = repr(d[k]) if k in d else "(absent)"
         return r if len(r) <= 48 else r[:45] + "..."
 
-    out = [f"{k}.{sub} {show(old[k], sub)} -> {show(new[k], sub)}" for k in settings_diff(old, new)
-           if isinstance(old.get(k), dict) and isinstance(new.get(k), dict) for sub in settings_diff(old[k], new[k])]
+    out = []
+    for k in settings_diff(old, new):
+        if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+            out += [f"{k}.{sub} {show(old[k], sub)} -> {show(new[k], sub)}"
+                    for sub in settings_diff(old[k], new[k])]
+        elif not k.endswith("sha256"):
+            out.append(f"{k} {show(old, k)} -> {show(new, k)}")
     return "; " + ", ".join(out) if out else ""
 
 
@@ -389,7 +398,7 @@ def _merge(cache_dir: Path) -> dict:
                         f"written (first: {part_name(missing[0])}); re-run shard(s) "
                         f"{', '.join(f'{i}/{n}' for i in which)} to (re)compute them")
 
-    rejected = sorted((tuple(r) for m in metas for r in m["part"]["rejected"]), key=lambda r: r[0])
+    rejected = sorted((reject.as_row(r) for m in metas for r in m["part"]["rejected"]), key=lambda r: r[0])
     kept = sum(m["part"]["rows_kept"] for m in metas)
     read = sum(m["part"]["rows_read"] for m in metas)
     if read != rows_read or kept + len(rejected) != read:
@@ -397,7 +406,8 @@ def _merge(cache_dir: Path) -> dict:
                         f"rejected {len(rejected)}); delete the cache and re-run")
     rej = pa.table({"source_index": pa.array([r[0] for r in rejected], pa.int64()),
                     "source_file": pa.array([r[1] for r in rejected], pa.string()),
-                    "reason": pa.array([r[2] for r in rejected], pa.string())}, schema=REJECTED_SCHEMA)
+                    "reason_kind": pa.array([r[2] for r in rejected], pa.string()),
+                    "reason": pa.array([r[3] for r in rejected], pa.string())}, schema=REJECTED_SCHEMA)
     rej_path = side_dir(cache_dir, version) / REJECTED_FILE
     atomic_write(rej_path, lambda tmp: pq.write_table(rej, tmp, compression="zstd"))
 
@@ -412,11 +422,16 @@ def _merge(cache_dir: Path) -> dict:
         "tokenizer": ident["tokenizer"],
         "tokenization": ident["tokenization"],
         "backend": ident["backend"],
-        "dataset": {**ident["dataset"], "rows_read": read, "rows_kept": kept, "rows_rejected": len(rejected)},
+        "dataset": {**ident["dataset"], "rows_read": read, "rows_kept": kept, "rows_rejected": len(rejected),
+                    # kept rows whose prompt tail merged into the completion (pipeline/tokenize.py); None when a
+                    # part was written before they were counted
+                    "boundary_merged": None if any("boundary_merged" not in m["part"] for m in metas)
+                    else sum(m["part"]["boundary_merged"] for m in metas)},
         "shards": [{"file": part_name(k), "rows": m["part"]["rows_kept"],
                     "bytes": (cache_dir / part_name(k)).stat().st_size, "sha256": sha}
                    for k, (m, sha) in enumerate(zip(metas, sums))],
-        "rejected_rows": {"file": rej_path.relative_to(cache_dir).as_posix(), "rows": len(rejected)},
+        "rejected_rows": {"file": rej_path.relative_to(cache_dir).as_posix(), "rows": len(rejected),
+                          "by_kind": reject.by_kind(rejected)},
         "tokens": {"chosen": sum(m["part"]["chosen_tokens"] for m in metas),
                    "rejected": sum(m["part"]["rejected_tokens"] for m in metas),
                    "prompt": sum(m["part"]["prompt_tokens"] for m in metas)},

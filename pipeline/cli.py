@@ -64,6 +64,15 @@ def add_commands(sub):
                         "'\\n\\nAssistant:', else at their longest common prefix cut back to a word boundary; "
                         "prefix: always the latter (TRL's rule); or a marker string, e.g. '\\n\\nAssistant:' "
                         "(typed \\n is a newline). Message lists always split at the last assistant turn")
+    p.add_argument("--keep-duplicates", action="store_true", default=d["keep_duplicates"],
+                   help="keep every copy of a repeated pair (TRL's row counts), the n-th copy under pair_id ID#n; "
+                        "default: later copies are rejected as duplicates")
+    p.add_argument("--system-message", default=d["system_message"], choices=["keep", "fold"],
+                   help="fold: merge a leading system message into the first user turn ('{system}\\n\\n{user}') "
+                        "before the chat template, for templates without a system role (Gemma's); keep: as given")
+    p.add_argument("--strict-boundary", action="store_true", default=d["strict_boundary"],
+                   help="reject rows whose prompt ends in text that merges with the completion when tokenized "
+                        "together (they are kept by default and scored as TRL 1.16 does; the summary counts them)")
     for b in BACKENDS.values():  # each backend's own settings (pipeline/backends/*.py)
         for f in b.flags:
             _add_flag(p, f)
@@ -132,7 +141,9 @@ def run_precompute(args) -> int:
                          max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                          truncation_mode=args.truncation_mode, batch_size=args.batch_size, shard=args.shard,
                          limit=args.limit, part_size=args.part_size, columns=columns, prompt_split=args.prompt_split,
-                         progress=not args.no_progress, ray=args.ray, ray_actors=args.ray_actors,
+                         keep_duplicates=args.keep_duplicates, system_message=args.system_message,
+                         strict_boundary=args.strict_boundary, progress=not args.no_progress, ray=args.ray,
+                         ray_actors=args.ray_actors,
                          **_backend_flags(args))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0

@@ -140,8 +140,9 @@ class ExtraColumns:
             try:
                 out[c["name"]] = convert(rec.get(c["source"]), c["type"])
             except (ValueError, TypeError, KeyError):
-                raise Reject(f"column {c['source']!r}: {rec.get(c['source'])!r} is not a {c['type']} value as the "
-                             "scan of the input found; was the input changed while precompute read it?") from None
+                raise Reject("column_type", f"column {c['source']!r}: {rec.get(c['source'])!r} is not a {c['type']} "
+                             "value as the scan of the input found; was the input changed while precompute read "
+                             "it?") from None
         return out
 
     def fields(self) -> list:

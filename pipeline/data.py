@@ -29,6 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.reject import Reject
 from refcache_base import UserError
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -44,7 +45,7 @@ class RawRow:
     index: int
     file: str
     record: dict | None
-    error: str | None = None
+    error: Reject | None = None
 
 
 @dataclass
@@ -218,21 +219,21 @@ def _lines(f: Path):
 
 
 def _parse_line(lineno, raw):
-    """(record, None) or (None, reason) for one JSON line."""
+    """(record, None) or (None, Reject) for one JSON line."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, f"line {lineno}: invalid UTF-8 at byte {e.start}"
+        return None, Reject("invalid_text", f"line {lineno}: invalid UTF-8 at byte {e.start}")
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+        return None, Reject("invalid_json", f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})")
     except RecursionError:
-        return None, f"line {lineno}: JSON nested too deeply to parse"
+        return None, Reject("too_deep", f"line {lineno}: JSON nested too deeply to parse")
     except Exception as e:  # noqa: BLE001 - whatever else goes wrong with one line rejects that line
-        return None, f"line {lineno}: cannot parse ({type(e).__name__})"
+        return None, Reject("invalid_json", f"line {lineno}: cannot parse ({type(e).__name__})")
     if not isinstance(rec, dict):
-        return None, f"line {lineno}: expected a JSON object, got {type(rec).__name__}"
+        return None, Reject("not_an_object", f"line {lineno}: expected a JSON object, got {type(rec).__name__}")
     return rec, None
 
 
@@ -307,14 +308,15 @@ def _read_json(f: Path):
                     continue
                 pos = end
                 n += 1
-                yield None, f"element {n - 1}: JSON nested too deeply to parse"
+                yield None, Reject("too_deep", f"element {n - 1}: JSON nested too deeply to parse")
                 continue
             pos = end
             n += 1
             if isinstance(rec, dict):
                 yield rec, None
             else:
-                yield None, f"element {n - 1}: expected a JSON object, got {type(rec).__name__}"
+                yield None, Reject("not_an_object",
+                                   f"element {n - 1}: expected a JSON object, got {type(rec).__name__}")
 
 
 def _value_end(buf: str, pos: int) -> int | None:
@@ -361,10 +363,10 @@ def _read_csv(f: Path):
             for i, rec in enumerate(reader, 1):
                 bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
                 if bad:
-                    yield None, f"CSV row {i}: invalid UTF-8 in column {bad[0]!r}"
+                    yield None, Reject("invalid_text", f"CSV row {i}: invalid UTF-8 in column {bad[0]!r}")
                     continue
                 if None in rec:
-                    yield None, f"CSV row {i}: more fields than the header has"
+                    yield None, Reject("bad_csv_row", f"CSV row {i}: more fields than the header has")
                     continue
                 yield {k: _maybe_messages(v) for k, v in rec.items()}, None
         except (OSError, EOFError, zlib.error) as e:
@@ -406,10 +408,6 @@ TRANSCRIPT_MARKERS = (
 SPLIT_RULES = ("marker", "prefix", "last assistant turn")  # how an implicit prompt was found (Pair.split)
 
 
-class Reject(Exception):
-    """A row that cannot be used; the message is the readable reason."""
-
-
 def pair_id(prompt, chosen, rejected) -> str:
     """Stable id of (prompt, chosen, rejected) as given: sha256 of canonical JSON, 32 hex chars."""
     blob = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -427,22 +425,23 @@ def check_prompt_split(value: str) -> str:
 
 
 def normalize(row: RawRow, columns: dict, prompt_split: str = "auto", extras=None) -> Pair:
-    """RawRow -> Pair, or raise Reject(reason). `prompt_split` is how implicit text prompts are found:
+    """RawRow -> Pair, or raise Reject(kind, reason). `prompt_split` is how implicit text prompts are found:
     'auto' (transcript markers such as HH-RLHF's, else the common prefix), 'prefix', or a marker string.
     `extras` (pipeline.columns.ExtraColumns) says which other columns the pair carries, with what type."""
     if row.error:
-        raise Reject(row.error)
+        raise row.error
     rec = row.record
     pc, cc, rc = columns["prompt"], columns["chosen"], columns["rejected"]
     for col in (cc, rc):
         if col not in rec:
-            raise Reject(f"missing field {col!r} (fields: {', '.join(map(str, rec)) or 'none'})")
+            raise Reject("missing_field", f"missing field {col!r} (fields: {', '.join(map(str, rec)) or 'none'})")
     prompt, chosen, rejected = rec.get(pc), rec[cc], rec[rc]
     for col, v in ((cc, chosen), (rc, rejected)):
         _check_value(col, v, allow_empty=False)
     if pc in rec:  # a null prompt is an error, not an implicit prompt
         if prompt is None:
-            raise Reject(f"field {pc!r} is null (leave the field out where the prompt is inside {cc!r} and {rc!r})")
+            raise Reject("null_field", f"field {pc!r} is null (leave the field out where the prompt is inside "
+                                       f"{cc!r} and {rc!r})")
         _check_value(pc, prompt, allow_empty=False)
     pid = pair_id(prompt, chosen, rejected)
 
@@ -459,40 +458,43 @@ def normalize(row: RawRow, columns: dict, prompt_split: str = "auto", extras=Non
         _check_roles(p, c, cc)
         _check_roles(p, r, rc)
     if c == r:
-        raise Reject("chosen and rejected are identical")
+        raise Reject("same_completion", "chosen and rejected are identical")
     return Pair(row.index, row.file, pid, kind, p, c, r, split, extras.values(rec) if extras else {})
 
 
 def _check_value(col, v, allow_empty):
     if v is None:
-        raise Reject(f"field {col!r} is null")
+        raise Reject("null_field", f"field {col!r} is null")
     if isinstance(v, str):
         if not allow_empty and not v.strip():
-            raise Reject(f"field {col!r} is empty")
+            raise Reject("empty_field", f"field {col!r} is empty")
         return
     if isinstance(v, list):
         if not v:
-            raise Reject(f"field {col!r} is an empty list")
+            raise Reject("empty_field", f"field {col!r} is an empty list")
         for i, m in enumerate(v):
             if not isinstance(m, dict):
-                raise Reject(f"field {col!r}[{i}] is {type(m).__name__}, expected a message {{role, content}}")
+                raise Reject("wrong_type",
+                             f"field {col!r}[{i}] is {type(m).__name__}, expected a message {{role, content}}")
             if not isinstance(m.get("role"), str):
-                raise Reject(f"field {col!r}[{i}] has no 'role' string")
+                raise Reject("wrong_type", f"field {col!r}[{i}] has no 'role' string")
             if not isinstance(m.get("content"), str):
-                raise Reject(f"field {col!r}[{i}] has no 'content' string")
+                raise Reject("wrong_type", f"field {col!r}[{i}] has no 'content' string")
         return
-    raise Reject(f"field {col!r} is {type(v).__name__}, expected a string or a list of messages")
+    raise Reject("wrong_type", f"field {col!r} is {type(v).__name__}, expected a string or a list of messages")
 
 
 def _check_roles(prompt: list, reply: list, col):
     """The reply answers the prompt: it starts and ends with an assistant turn, after a prompt that does not."""
     if reply[0]["role"] != "assistant":
-        raise Reject(f"{col!r} starts with a {reply[0]['role']!r} turn; the completion must be the assistant's reply")
+        raise Reject("bad_turns", f"{col!r} starts with a {reply[0]['role']!r} turn; the completion must be the "
+                                  "assistant's reply")
     if reply[-1]["role"] != "assistant":
-        raise Reject(f"the {col!r} conversation ends on a {reply[-1]['role']!r} turn; it must end with the "
-                     "assistant's reply")
+        raise Reject("bad_turns", f"the {col!r} conversation ends on a {reply[-1]['role']!r} turn; it must end "
+                                  "with the assistant's reply")
     if prompt[-1]["role"] == "assistant":
-        raise Reject(f"the prompt ends on an assistant turn, so {col!r} would be a second assistant turn in a row")
+        raise Reject("bad_turns", f"the prompt ends on an assistant turn, so {col!r} would be a second assistant "
+                                  "turn in a row")
 
 
 def _is_whole_conversation(msgs) -> bool:
@@ -515,12 +517,14 @@ def _split_implicit(chosen, rejected, cc, rc, prompt_split):
         chosen, rejected = [_clean(m) for m in chosen], [_clean(m) for m in rejected]
         last = [max((i for i, m in enumerate(x) if m["role"] == "assistant"), default=-1) for x in (chosen, rejected)]
         if min(last) <= 0:
-            raise Reject(f"conversation in {cc if last[0] <= 0 else rc!r} has no assistant turn after the prompt")
+            raise Reject("no_shared_prompt",
+                         f"conversation in {cc if last[0] <= 0 else rc!r} has no assistant turn after the prompt")
         if chosen[: last[0]] != rejected[: last[1]]:
-            raise Reject("chosen and rejected conversations differ before their last assistant turn")
+            raise Reject("no_shared_prompt",
+                         "chosen and rejected conversations differ before their last assistant turn")
         return "implicit-conversation", "last assistant turn", (chosen[: last[0]], chosen[last[0]:],
                                                                 rejected[last[1]:])
-    raise Reject(f"fields {cc!r} and {rc!r} must both be strings or both be message lists")
+    raise Reject("wrong_type", f"fields {cc!r} and {rc!r} must both be strings or both be message lists")
 
 
 def _split_text(chosen, rejected, cc, rc, prompt_split):
@@ -553,15 +557,17 @@ def _split_at_marker(chosen, rejected, n, marker, user, cc, rc):
     at = chosen.rfind(marker, 0, n)
     if at < 0:
         how = "--prompt-split marker" if user is None else "transcript marker"
-        raise Reject(f"chosen and rejected differ before their first {marker!r} ({how}), so they share no prompt")
+        raise Reject("no_shared_prompt", f"chosen and rejected differ before their first {marker!r} ({how}), so "
+                                         "they share no prompt")
     end = at + len(marker)
     for col, reply in ((cc, chosen[end:]), (rc, rejected[end:])):
         if not reply.strip():
-            raise Reject(f"{col!r} has an empty reply after its last {marker!r}")
+            raise Reject("empty_completion", f"{col!r} has an empty reply after its last {marker!r}")
         if marker in reply:
-            raise Reject(f"chosen and rejected differ before their last {marker!r} turn ({col!r} goes on past it)")
+            raise Reject("no_shared_prompt", f"chosen and rejected differ before their last {marker!r} turn "
+                                             f"({col!r} goes on past it)")
         if user is not None and user in reply:
-            raise Reject(f"the {col!r} transcript ends on a {user.strip()!r} turn; it must end with the "
+            raise Reject("bad_turns", f"the {col!r} transcript ends on a {user.strip()!r} turn; it must end with the "
                          "assistant's reply")
     return chosen[:end], chosen[end:], rejected[end:]
 
@@ -575,6 +581,6 @@ def _split_prefix(chosen, rejected, n, both_words):
         cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n))
         n = cut if cut > 0 else n
     if n <= 0 or not chosen[:n].strip():
-        raise Reject("no prompt field and chosen/rejected share no common prefix to use as the prompt "
-                     "(map the prompt column with --prompt-col)")
+        raise Reject("no_shared_prompt", "no prompt field and chosen/rejected share no common prefix to use as the "
+                                         "prompt (map the prompt column with --prompt-col)")
     return chosen[:n], chosen[n:], rejected[n:]

@@ -178,14 +178,14 @@ class PartActor:
     """One scorer on one GPU (or a share of a node's CPUs): started once, then writes the parts it is given.
     Wrapped by `ray.remote` in `_actor_class` (Ray is imported only when --ray is used)."""
 
-    def __init__(self, job: Job, lengths: tuple, out: str, threads: int | None):
+    def __init__(self, job: Job, tok_options: dict, out: str, threads: int | None):
         self.out, self.threads = Path(out), threads
         self._set_threads()
         self.log = cache.ray_written_log(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")  # this process's own
         self.error = None  # raised by `write`: a scorer that cannot start is the run's error, not a restart
         self.scorers = LazyScorer(job)
         try:
-            self.job = self.scorers.job = _on_this_node(job, lengths, self.out)
+            self.job = self.scorers.job = _on_this_node(job, tok_options, self.out)
             self.scorers.get()
         except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it as it is
             self.error = e
@@ -208,15 +208,14 @@ class PartActor:
 
 
 def _for_actors(job: Job) -> tuple:
-    """(job, lengths): what the actors get. Absolute paths (a worker's current directory is not the driver's), no
-    input reader, and no tokenizer: each actor loads it from the model directory (`_on_this_node`), so what Ray
-    ships is small."""
-    pt = job.pair_tok
+    """(job, tokenizer options): what the actors get. Absolute paths (a worker's current directory is not the
+    driver's), no input reader, and no tokenizer: each actor loads it from the model directory (`_on_this_node`),
+    so what Ray ships is small."""
     return (replace(job, src=None, pair_tok=None, model_dir=Path(job.model_dir).absolute()),
-            (pt.max_length, pt.max_prompt_length, pt.truncation_mode))
+            job.pair_tok.options())
 
 
-def _on_this_node(job: Job, lengths: tuple, out: Path) -> Job:
+def _on_this_node(job: Job, options: dict, out: Path) -> Job:
     """The job with this node's tokenizer, after checking that this node sees the driver's files: --out, and the
     model's tokenizer with the same sha256 (the input is read by the driver only)."""
     import socket
@@ -232,7 +231,7 @@ def _on_this_node(job: Job, lengths: tuple, out: Path) -> Job:
             tokenizer_identity(job.model_dir)["sha256"] != job.identity["tokenizer"]["sha256"]:
         raise UserError(f"--model {job.model_dir} is missing or another model on Ray node {host}; put it on "
                         "storage every node sees")
-    return replace(job, pair_tok=PairTokenizer(load_tokenizer(job.model_dir), *lengths))
+    return replace(job, pair_tok=PairTokenizer(load_tokenizer(job.model_dir), **options))
 
 
 def _actor_class(ray):
@@ -331,14 +330,14 @@ class RayWriter:
         if plan.count > plan.fit:
             print(f"note: the Ray cluster has room for {plan.fit} of {plan.count} actors now; the others start "
                   "when it has room", file=sys.stderr)
-        remote_job, lengths = _for_actors(job)
+        remote_job, tok_options = _for_actors(job)
         options = dict(plan.options)
         if plan.threads:
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}}
         cls, run = _actor_class(self.ray), uuid.uuid4().hex[:8]
         for i in range(plan.count):
             name = f"{ACTOR_PREFIX}{run}-{i}"
-            handle = cls.options(name=name, **options).remote(remote_job, lengths, str(self.out.absolute()),
+            handle = cls.options(name=name, **options).remote(remote_job, tok_options, str(self.out.absolute()),
                                                              plan.threads)
             self.slots.append(Slot(handle, name))
         self._ping()

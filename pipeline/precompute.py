@@ -9,7 +9,8 @@ __refcache__/rejected_rows.parquet. `ray=` hands the parts to Ray actors instead
 (pipeline/distributed.py's RayWriter in PartWriter's place; both run `build_part`), for the same cache.
 
 A row that cannot be used (any error while reading, normalizing or tokenizing it) is rejected with its
-reason; so is every later copy of a pair (see pipeline/dedup.py). Rows read = kept + rejected.
+kind and reason (pipeline/reject.py); so is every later copy of a pair (see pipeline/dedup.py), unless
+`keep_duplicates`. Rows read = kept + rejected.
 """
 
 import contextlib
@@ -23,15 +24,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import cache
+from pipeline import cache, reject
 from pipeline.backends import BACKENDS, Backend, check_settings, make_scorer, resolve_backend, torch_dtype
 from pipeline.backends import backend_settings as backend_settings_of
 from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
-from pipeline.data import SPLIT_RULES, Pair, Reject, Source, check_prompt_split, normalize
-from pipeline.dedup import SeenPairs
+from pipeline.data import SPLIT_RULES, Pair, Source, check_prompt_split, normalize
+from pipeline.dedup import SeenPairs, copy_id
 from pipeline.fingerprint import model_identity, resolve_model_dir, tokenizer_identity
-from pipeline.tokenize import PairTokenizer, sequences
+from pipeline.reject import Reject
+from pipeline.tokenize import SYSTEM_MESSAGE, PairTokenizer, sequences
 from pipeline.tokenize import settings as tokenization_settings
 from refcache_base import UserError, __version__
 from refcache_base.cache_schema import SCHEMA_VERSION
@@ -77,6 +79,8 @@ def check_arguments(args: dict):
             raise UserError(f"{flag} {shown}: must be {allowed(spec, whole=kind is int)}{also}")
     parse_shard(args.get("shard"))
     check_ray(args)
+    if args.get("system_message", "keep") not in SYSTEM_MESSAGE:
+        raise UserError(f"--system-message {args['system_message']}: use {' or '.join(SYSTEM_MESSAGE)}")
 
 
 def check_ray(args: dict):
@@ -102,12 +106,17 @@ def load_tokenizer(model_dir):
 
 def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length=None, max_prompt_length="auto",
                 truncation_mode="keep_end", batch_size=None, shard=None, limit=None, part_size=1024,
-                columns=None, prompt_split="auto", progress=True, scorer=None, ray=None, ray_actors=None,
+                columns=None, prompt_split="auto", keep_duplicates=False, system_message="keep",
+                strict_boundary=False, progress=True, scorer=None, ray=None, ray_actors=None,
                 **backend_settings) -> dict:
     """Build (or resume, or add a shard to) the cache at `out`. Returns a summary dict.
 
     `columns` maps our names to the input's: {"prompt": "question", ...}. `prompt_split` says where the
-    prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `scorer` lets
+    prompt of an implicit text row ends: "auto", "prefix" or a marker string (pipeline.data). `keep_duplicates`
+    keeps every copy of a pair (TRL's row counts), the n-th copy under pair_id "ID#n" (pipeline/dedup.py).
+    `system_message` "fold" merges a leading system message into the first user turn, for chat templates without
+    a system role; `strict_boundary` rejects rows whose prompt tail merges into the completion when tokenized
+    together (pipeline/tokenize.py). All three are cache settings: a resume with others is refused. `scorer` lets
     a caller reuse an already-built backend (one vLLM engine per process). `ray` ("auto" or a cluster's
     address) writes the parts on Ray actors (pipeline/distributed.py): `ray_actors` of them on CPUs (default 1),
     one per GPU (or per tensor_parallel_size GPUs) on GPUs; the cache is the same. Extra keyword arguments go to the
@@ -123,7 +132,9 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
         job = _plan(data, model, backend=backend, dtype=dtype, max_length=max_length,
                     max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, batch_size=batch_size,
                     shard=shard, limit=limit, part_size=part_size, columns=columns, prompt_split=prompt_split,
-                    progress=progress, scorer=scorer, backend_settings=backend_settings)
+                    keep_duplicates=keep_duplicates, system_message=system_message,
+                    strict_boundary=strict_boundary, progress=progress, scorer=scorer,
+                    backend_settings=backend_settings)
         out = Path(out)
         cache.check_compatible(out, job.fingerprint, job.settings)  # refuses a partial cache of other settings
         done, changed = cache.done_parts(out, job.fingerprint, job.shard)
@@ -135,7 +146,8 @@ def _precompute(data, model, out, *, backend="auto", dtype="float32", max_length
             cluster.writer(job, out, progress, ray_actors)
         rows_read = 0  # by every shard: the shard record's row count
         try:
-            for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras):
+            for k, items in read_chunks(job.src, limit, part_size, job.prompt_split, job.extras,
+                                        job.keep_duplicates):
                 rows_read += len(items)
                 if k % job.shard[1] != job.shard[0]:
                     continue  # another shard's part
@@ -178,6 +190,7 @@ class Job:
     limit: int | None
     part_size: int
     prompt_split: str
+    keep_duplicates: bool  # every copy of a pair kept, under pair_id#n (else later copies rejected)
     shard: tuple  # (i, n)
     extras: object  # pipeline.columns.ExtraColumns: the input's own columns the cache keeps
     scan_seconds: float
@@ -189,7 +202,8 @@ class Job:
 
 
 def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncation_mode, batch_size, shard, limit,
-          part_size, columns, prompt_split, progress, scorer, backend_settings) -> Job:
+          part_size, columns, prompt_split, keep_duplicates, system_message, strict_boundary, progress, scorer,
+          backend_settings) -> Job:
     """Check the arguments against the model, read the model's, tokenizer's and input's identities and scan the
     input's columns: everything the run needs before it reads a row."""
     shard = parse_shard(shard)
@@ -211,8 +225,10 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
     if scorer is not None and (scorer.dtype != dtype or Path(scorer.model_dir).resolve() != model_dir.resolve()):
         raise UserError(f"the given scorer runs {scorer.model_dir} in {scorer.dtype}, not {model_dir} in {dtype}")
     tokenizer = load_tokenizer(model_dir)
-    tok_settings = tokenization_settings(tokenizer, max_length, max_prompt_length, truncation_mode, prompt_split)
-    pair_tok = PairTokenizer(tokenizer, max_length, max_prompt_length, truncation_mode)
+    tok_settings = tokenization_settings(tokenizer, max_length, max_prompt_length, truncation_mode, prompt_split,
+                                         system_message, strict_boundary)
+    pair_tok = PairTokenizer(tokenizer, max_length, max_prompt_length, truncation_mode, system_message,
+                             bool(strict_boundary))
 
     # Everything that changes the cache's content. A partial cache made with other settings is refused.
     settings = {"schema_version": SCHEMA_VERSION, "model_sha256": model_id["sha256"],
@@ -220,7 +236,7 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
                 "tokenization": tok_settings, "backend": name, "dtype": dtype, "dataset_sha256": data_sha,
                 "columns": src.columns, "limit": limit, "part_size": part_size,
                 "extra_columns": extras.columns, "skipped_columns": extras.skipped}
-    settings["duplicates"] = "first copy kept, later copies rejected"  # pipeline/dedup.py
+    settings["duplicates"] = DUPLICATES[bool(keep_duplicates)]  # pipeline/dedup.py
     ches = _ches_choice(name, scorer, scorer_settings, backend_settings)
     if ches is not None:  # a backend whose CHES can be skipped (vllm --no-ches): what the cache holds depends on it
         settings["ches"] = ches
@@ -229,7 +245,8 @@ def _plan(data, model, *, backend, dtype, max_length, max_prompt_length, truncat
                 "dataset": {**src.describe(), "sha256": data_sha, "columns": src.columns, "limit": limit,
                             "part_size": part_size}}
     return Job(src=src, model_dir=model_dir, backend=name, dtype=dtype, limit=limit, part_size=part_size,
-               prompt_split=prompt_split, shard=shard, extras=extras, scan_seconds=scan_seconds, pair_tok=pair_tok,
+               prompt_split=prompt_split, keep_duplicates=bool(keep_duplicates), shard=shard, extras=extras,
+               scan_seconds=scan_seconds, pair_tok=pair_tok,
                scorer_settings=scorer_settings, settings=settings, fingerprint=cache.settings_fingerprint(settings),
                identity=identity)
 
@@ -246,6 +263,10 @@ def _ches_choice(name, scorer, scorer_settings, given):
         raise UserError(f"the given scorer was started with ches={bool(scorer.ches)}, not ches={given['ches']}")
     return bool(scorer.ches)
 
+
+# settings["duplicates"] without and with keep_duplicates
+DUPLICATES = {False: "first copy kept, later copies rejected",
+              True: "every copy kept, the n-th as pair_id#n"}
 
 FORMATS = ("explicit", "conversational", "implicit-text", "implicit-conversation")  # Pair.kind
 
@@ -271,6 +292,8 @@ class Stage1Stats:
     skipped_columns: dict = field(default_factory=dict)
     formats: dict = field(default_factory=lambda: dict.fromkeys(FORMATS, 0))  # kept rows per Pair.kind
     split_rules: dict = field(default_factory=lambda: dict.fromkeys(SPLIT_RULES, 0))  # implicit prompts' splits
+    boundary_merged: int = 0  # kept rows whose prompt tail merged into the completion (pipeline/tokenize.py)
+    rejected_by_kind: dict = field(default_factory=dict)  # pipeline.reject.by_kind
 
     def add_reused(self, rows_read: int, part: dict):
         """Count a part an earlier run wrote (its metadata's "part" record)."""
@@ -294,6 +317,8 @@ class Stage1Stats:
         """Count a part (its metadata's "part" record, written now or reused)."""
         self.rows_kept += part["rows_kept"]
         self.rows_rejected += len(part["rejected"])
+        self.boundary_merged += part.get("boundary_merged", 0)
+        reject.add_by_kind(self.rejected_by_kind, reject.by_kind(part["rejected"]))
         for key in ("formats", "split_rules"):
             totals = getattr(self, key)
             for k, n in part.get(key, {}).items():
@@ -330,7 +355,7 @@ def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, lo
     pairs = [p for p in items if isinstance(p, Pair)]
     rejected = [p for p in items if not isinstance(p, Pair)]
     kept, rej = tokenize_rows(job.pair_tok, pairs)
-    rejected += [(p.index, p.file, reason) for p, reason in rej]
+    rejected += [reject.row(p.index, p.file, e) for p, e in rej]
     done = {"tokens": 0, "completion_tokens": 0, "post_seconds": 0.0, "score_seconds": 0.0, "ches_seconds": 0.0,
             "ches_start_seconds": 0.0}
     chosen, rejected_lp, ches, ln_ches = _score(job, scorers, kept, done, on_scored)
@@ -447,6 +472,7 @@ def part_meta(job: Job, k: int, items: list, kept: list, rejected: list, scorer)
             "fingerprint": job.fingerprint, "settings": job.settings, "identity": {**job.identity, "backend": backend},
             "part": {"index": k, "first_source_index": k * job.part_size, "rows_read": len(items),
                      "rows_kept": len(kept), "rejected": rejected,
+                     "boundary_merged": sum(1 for t in kept if t.boundary_merged),
                      "prompt_tokens": sum(len(t.prompt_ids) for t in kept),
                      "chosen_tokens": sum(len(t.chosen_ids) for t in kept),
                      "rejected_tokens": sum(len(t.rejected_ids) for t in kept),
@@ -493,6 +519,8 @@ def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, sec
         part_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
         summary["cache_bytes_per_pair"] = part_bytes / max(ds["rows_kept"], 1)
         summary["ches"] = missing_reason(manifest) or COMPUTED  # for `refcache query displacement_risk`
+        summary["boundary_merged"] = ds.get("boundary_merged")  # None: a part written before it was counted
+        summary["rejected_by_kind"] = manifest["rejected_rows"].get("by_kind", {})
     return summary
 
 
@@ -511,70 +539,68 @@ def precompute(*args, **kwargs) -> dict:
 precompute.__doc__, precompute.__signature__ = _precompute.__doc__, inspect.signature(_precompute)
 
 
-def read_chunks(src, limit=None, part_size=1024, prompt_split="auto", extras=None):
+def read_chunks(src, limit=None, part_size=1024, prompt_split="auto", extras=None, keep_duplicates=False):
     """Stage 1's reading rules: (k, items) for each chunk k of `part_size` source rows, each item a Pair or the
-    row's rejection (source_index, file, reason). Every later copy of a pair is already rejected (every shard
-    reads every row, so all shards make the same duplicate decisions)."""
-    seen = SeenPairs()
+    row's rejection (source_index, file, kind, reason). Every later copy of a pair is already rejected, or with
+    `keep_duplicates` renamed pair_id#n (every shard reads every row, so all shards make the same decisions)."""
+    seen = SeenPairs(count=keep_duplicates)
     k, items = 0, []
     for row in src.rows():
         if limit is not None and row.index >= limit:
             break
         if row.index // part_size != k and items:
-            dedupe(seen, items)
+            dedupe(seen, items, keep_duplicates)
             yield k, items
             items = []
         k = row.index // part_size
         items.append(normalize_row(row, src.columns, prompt_split, extras))
     if items:
-        dedupe(seen, items)
+        dedupe(seen, items, keep_duplicates)
         yield k, items
 
 
 def tokenize_pairs(data, model, *, max_length=None, max_prompt_length="auto", truncation_mode="keep_end",
-                   columns=None, prompt_split="auto", limit=None):
+                   columns=None, prompt_split="auto", keep_duplicates=False, system_message="keep",
+                   strict_boundary=False, limit=None):
     """Stage 1's front end without scoring: yield the kept pairs (pipeline.tokenize.Tokenized) of `data` as
     precompute tokenizes them for `model` (same defaults, same rejections; rejected rows are skipped). For
     benchmarks and users who bring their own scorer."""
     model_dir = resolve_model_dir(model)
     max_length, max_prompt_length = _lengths(model_dir, max_length, max_prompt_length, "hf")
-    pair_tok = PairTokenizer(load_tokenizer(model_dir), max_length, max_prompt_length, truncation_mode)
-    for _, items in read_chunks(Source(data, columns), limit, prompt_split=check_prompt_split(prompt_split)):
+    pair_tok = PairTokenizer(load_tokenizer(model_dir), max_length, max_prompt_length, truncation_mode,
+                             system_message, strict_boundary)
+    for _, items in read_chunks(Source(data, columns), limit, prompt_split=check_prompt_split(prompt_split),
+                                keep_duplicates=keep_duplicates):
         yield from tokenize_rows(pair_tok, [p for p in items if isinstance(p, Pair)])[0]
 
 
 def normalize_row(row, columns, prompt_split="auto", extras=None):
-    """Pair, or (source_index, file, reason) when the row cannot be used, whatever the error."""
+    """Pair, or (source_index, file, kind, reason) when the row cannot be used, whatever the error."""
     try:
         return normalize(row, columns, prompt_split, extras)
-    except Reject as e:
-        return row.index, row.file, str(e)
     except Exception as e:  # noqa: BLE001 - one row's failure rejects that row, never the build
-        return row.index, row.file, row_error(e)
+        return reject.row(row.index, row.file, reject.from_error(e))
 
 
-def row_error(e: Exception) -> str:
-    if isinstance(e, RecursionError):
-        return "nested too deeply to process (RecursionError)"
-    if isinstance(e, UnicodeError) and hasattr(e, "object"):
-        return f"invalid text: {e.object[e.start:e.end]!a} ({e.reason}); fix the encoding of this row"
-    first = str(e).strip().splitlines()
-    return f"cannot process this row ({type(e).__name__}{': ' + first[0][:200] if first else ''})"
-
-
-def dedupe(seen: SeenPairs, items: list):
-    """Replace every later copy of a pair (same pair_id as an earlier row) by its rejection, in place."""
+def dedupe(seen: SeenPairs, items: list, keep=False):
+    """Every later copy of a pair (same pair_id as an earlier row), in place: replaced by its rejection, or with
+    `keep` given the pair_id of its occurrence (pipeline.dedup.copy_id)."""
     at = [j for j, p in enumerate(items) if isinstance(p, Pair)]
-    firsts = seen.first_rows([items[j].pair_id for j in at], [items[j].index for j in at])
-    for j, first in zip(at, firsts):
+    firsts, nth = seen.first_rows([items[j].pair_id for j in at], [items[j].index for j in at])
+    for j, first, n in zip(at, firsts, nth if keep else firsts):
         p = items[j]
-        if first != p.index:
+        if first == p.index:
+            continue
+        if keep:
+            p.pair_id = copy_id(p.pair_id, n)
+        else:
             reason = f"duplicate of row {first} (same prompt, chosen and rejected; pair_id {p.pair_id})"
-            items[j] = (p.index, p.file, reason)
+            items[j] = reject.row(p.index, p.file, Reject("duplicate", reason))
 
 
 def tokenize_rows(pair_tok, pairs):
-    """pair_tok(pairs), or pair by pair when the batch raises, so that one pair's error rejects only that pair."""
+    """pair_tok(pairs), or pair by pair when the batch raises, so that one pair's error rejects only that pair:
+    (kept Tokenized, [(Pair, Reject)])."""
     try:
         return pair_tok(pairs)
     except Exception:  # noqa: BLE001 - find the pair(s) that fail
@@ -583,7 +609,7 @@ def tokenize_rows(pair_tok, pairs):
             try:
                 k, r = pair_tok([p])
             except Exception as e:  # noqa: BLE001
-                k, r = [], [(p, row_error(e))]
+                k, r = [], [(p, reject.from_error(e))]
             kept += k
             rejected += r
         return kept, rejected
@@ -679,9 +705,24 @@ def format_summary(s: dict) -> str:
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
         lines.append("CHES displacement scores (ches, ln_ches): " + s["ches"] +
                      (" (rank them: refcache query displacement_risk)" if s["ches"] == COMPUTED else ""))
-        if s["rows_rejected"]:
-            lines.append(f"rejected rows and reasons: {cache.side_dir(s['out']) / cache.REJECTED_FILE}")
     else:
         lines.append(f"shard {s['shard']} done; the cache completes when every shard has run "
                      f"(the last one merges, or run `refcache merge {s['out']}`)")
+    if s.get("boundary_merged"):
+        lines.append(f"boundary: {s['boundary_merged']:,} kept rows end their prompt in text that merges with the "
+                     "completion when tokenized together; as in TRL 1.16, that text is scored as the completion's "
+                     "start (prompt_ids stop before it); --strict-boundary rejects such rows")
+    lines += rejections_block(s)
     return "\n".join(lines)
+
+
+def rejections_block(s: dict, top: int = 5) -> list[str]:
+    """The summary's rejected rows: the `top` most frequent kinds with a count and an example row each."""
+    counts = s.get("rejected_by_kind") or {}
+    if not s["rows_rejected"] or not counts:
+        return []
+    where = (f"all of them, with reason_kind and reason, in {cache.side_dir(s['out']) / cache.REJECTED_FILE}"
+             if s.get("complete") else "this shard's parts")
+    more = f"top {top} of {len(counts)} kinds" if len(counts) > top else f"{len(counts)} kind" + \
+        ("s" if len(counts) > 1 else "")
+    return [f"rejected {s['rows_rejected']:,} rows by kind ({more}; {where}):", *reject.top_kinds(counts, top)]

@@ -115,7 +115,7 @@ def check_consistency(cache_dir, parts) -> int:
         problem = _inconsistency(t)
         if problem is None:
             ids = t.column("pair_id").to_pylist()
-            dup = seen.first_rows(ids, np.arange(total, total + len(ids))) != np.arange(total, total + len(ids))
+            dup = seen.first_rows(ids, np.arange(total, total + len(ids)))[0] != np.arange(total, total + len(ids))
             if dup.any():
                 i = int(np.flatnonzero(dup)[0])
                 problem = int(dup.sum()), i, f"pair_id {ids[i]} appears earlier in the cache too"

@@ -8,8 +8,8 @@
 -- *_len_* token counts; truncated_share = share of pairs truncation touched; rel_edit_mean = mean relative
 -- token edit distance between chosen and rejected (macro rel_edit_distance: 0 = identical, 1 = nothing
 -- shared); near_identical_share = share of pairs with rel_edit <= 0.1 (macro near_identical), the base rate
--- the displacement findings compare against; rejected:<reason> = input rows dropped for that reason (see
--- rejected_rows for which). Cost: the edit distance is O(chosen_len * rejected_len) per pair (about 1 s per
+-- the displacement findings compare against; rejected:<kind> = input rows dropped for that kind of reason
+-- (rejected_rows.reason_kind; the reason text itself for a cache written before kinds; see rejected_rows for which). Cost: the edit distance is O(chosen_len * rejected_len) per pair (about 1 s per
 -- 1,000 pairs of 300 tokens each on one core).
 --
 -- needs: pairs
@@ -55,6 +55,6 @@ long AS (
 )
 SELECT cache, metric, value::DOUBLE AS value FROM long
 UNION ALL
-SELECT cache, 'rejected:' || reason AS metric, count(*)::DOUBLE AS value
-FROM rejected_rows GROUP BY cache, reason
+SELECT cache, 'rejected:' || coalesce(reason_kind, reason) AS metric, count(*)::DOUBLE AS value
+FROM rejected_rows GROUP BY cache, coalesce(reason_kind, reason)
 ORDER BY cache, metric

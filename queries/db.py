@@ -7,7 +7,8 @@ Views (all read straight from the Parquet files, nothing is copied):
                  `length_diff = chosen_len - rejected_len`; the input's own columns under their names
                  (manifest `extra_columns`; null for a cache that lacks one); a schema-1 cache's `ches` and
                  `ln_ches` are null
-  rejected_rows  union of the caches' rejected rows (__refcache__/rejected_rows.parquet), plus `cache`
+  rejected_rows  union of the caches' rejected rows (__refcache__/rejected_rows.parquet), plus `cache`;
+                 `reason_kind` (pipeline/reject.py) is null for a file written before it
   caches         one row per cache from its manifest: cache, dir, schema_version, backend, dtype, rows,
                  ches_missing (null when the cache has CHES; else the line saying why not: pipeline.ches)
   steps          union of the runs' steps.parquet, plus `run` (the run dir name)
@@ -35,7 +36,13 @@ import pyarrow.parquet as pq
 from pipeline import cache as pcache
 from pipeline.fingerprint import file_sha256
 from refcache_base import UserError
-from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_SCHEMA, V2_COLUMNS, contract_schema
+from refcache_base.cache_schema import (
+    CACHE_SCHEMA,
+    REJECTED_REQUIRED,
+    REJECTED_SCHEMA,
+    V2_COLUMNS,
+    contract_schema,
+)
 from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 SHARED_SQL = Path(__file__).parent / "_shared.sql"  # macros and views every diagnostic uses
@@ -89,17 +96,20 @@ def _empty_select(schema: pa.Schema, extra: str) -> str:
     return f"SELECT NULL::VARCHAR AS {extra}, {cols} WHERE false"
 
 
-def _check_parquet(path: Path, schema: pa.Schema, what: str):
-    """Footer check: readable and has the contract's columns. Names the file and what to do."""
+def _check_parquet(path: Path, schema, what: str) -> pa.Schema:
+    """Footer check: readable and has the contract's columns (a schema, or the names required). Names the file and
+    what to do. Returns the file's schema."""
     try:
         have = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: cannot read this {what} Parquet file ({str(e).splitlines()[0]}); "
                         f"it is corrupt or was cut off: re-create it or remove it") from None
-    missing = [f.name for f in schema if f.name not in have.names]
+    names = schema.names if isinstance(schema, pa.Schema) else schema
+    missing = [n for n in names if n not in have.names]
     if missing:
         raise UserError(f"{path}: this {what} file lacks column(s) {', '.join(missing)}: "
                         f"it was not written by this refcache version")
+    return have
 
 
 def _unique_names(dirs):
@@ -187,10 +197,9 @@ def load_cache_dir(cache) -> dict:
     for f in parts:
         _check_parquet(f, contract_schema(manifest["schema_version"]), "cache")
     rej = pcache.rejected_path(d, manifest)
-    if rej.exists():
-        _check_parquet(rej, REJECTED_SCHEMA, "rejected-rows")
+    kinds = rej.exists() and "reason_kind" in _check_parquet(rej, REJECTED_REQUIRED, "rejected-rows").names
     return {"dir": d.resolve(), "parts": [f.resolve() for f in parts], "rejected": rej if rej.exists() else None,
-            "manifest": manifest}
+            "rejected_kinds": kinds, "manifest": manifest}
 
 
 def _check_run_caches(run_info, cache_info):
@@ -259,7 +268,8 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
     empty_pairs = (_empty_select(CACHE_SCHEMA, "cache").replace(" WHERE false", "") +
                    ", NULL::INTEGER AS length_diff WHERE false")
     con.execute(f"CREATE VIEW pairs AS {union(pairs, empty_pairs)}")
-    rejected = [f"SELECT {_lit(n)} AS cache, * FROM read_parquet({_files([c['rejected']])})"
+    rejected = [f"SELECT {_lit(n)} AS cache, *{'' if c['rejected_kinds'] else ', NULL::VARCHAR AS reason_kind'} "
+                f"FROM read_parquet({_files([c['rejected']])})"  # reason_kind: null in a file from before it
                 for n, c in zip(cache_names, cache_info) if c["rejected"]]
     con.execute(f"CREATE VIEW rejected_rows AS {union(rejected, _empty_select(REJECTED_SCHEMA, 'cache'))}")
     _caches_view(con, cache_names, cache_info)

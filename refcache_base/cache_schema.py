@@ -7,6 +7,9 @@ Schema versions (manifest `schema_version`, and each part's metadata):
   2  adds `ches` and `ln_ches`, the input's own scalar columns after them (`extra_columns` in the manifest),
      and moves rejected_rows.parquet and the bookkeeping files into CACHE/__refcache__/ (pipeline/cache.py)
 Readers take both: a version-1 part reads as if `ches` and `ln_ches` were null.
+
+rejected_rows.parquet gained `reason_kind` (pipeline/reject.py's KINDS) without a version change: a file written
+before has only source_index, source_file and reason (REJECTED_REQUIRED); readers give it a null reason_kind.
 """
 
 import pyarrow as pa
@@ -69,6 +72,8 @@ REJECTED_SCHEMA = pa.schema(
     [
         ("source_index", pa.int64()),
         ("source_file", pa.string()),
-        ("reason", pa.string()),
+        ("reason_kind", pa.string()),  # one short stable name per cause (pipeline/reject.py), for GROUP BY
+        ("reason", pa.string()),  # the readable reason, with the row's own details
     ]
 )
+REJECTED_REQUIRED = ("source_index", "source_file", "reason")  # what every rejected_rows.parquet has

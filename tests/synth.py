@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import REJECTED_FILE, manifest_path, side_dir
 from pipeline.fingerprint import file_sha256
-from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION
+from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_REQUIRED, REJECTED_SCHEMA, SCHEMA_VERSION
 from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 
@@ -104,7 +104,7 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
             "source_file": ["synthetic.jsonl"] * n_rejected,
             "reason": [reasons[i % len(reasons) if i < 3 else 0] for i in range(n_rejected)],
         },
-        schema=REJECTED_SCHEMA,
+        schema=pa.schema([REJECTED_SCHEMA.field(n) for n in REJECTED_REQUIRED]),  # as written before reason_kind
     )
     rej_path = side_dir(out) / REJECTED_FILE
     rej_path.parent.mkdir(exist_ok=True)

@@ -384,7 +384,7 @@ from contextlib import redirect_stderr
 from pathlib import Path
 from refcache.cli import main
 
-mode, data, model, keep = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+mode, data, model, keep, room = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
 argv = ["precompute", data, "--model", model, "--backend", "hf", "--part-size", "4", "--no-progress"]
 runs = []
 
@@ -396,13 +396,13 @@ def run(out):
     runs.append({"rc": rc, "err": err.getvalue(), "parts": sorted(p.name for p in out.glob("part-*.parquet"))})
 
 
-if mode == "tmpfs":  # a 1 MiB filesystem in a private mount namespace, filled up but for 24 KiB
+if mode == "tmpfs":  # a 1 MiB filesystem in a private mount namespace, filled up but for `room` bytes
     mnt = keep.parent / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
     filler = mnt / "filler"
     vfs = os.statvfs(mnt)
-    filler.write_bytes(b"x" * (vfs.f_bavail * vfs.f_frsize - 24 * 1024))
+    filler.write_bytes(b"x" * (vfs.f_bavail * vfs.f_frsize - room))
     run(mnt / "cache")
     filler.unlink()  # free space, then re-run the same command
     run(mnt / "cache")
@@ -435,7 +435,9 @@ def test_full_disk_is_one_line_and_resumes(tmp_path, data, tiny_model_dir, refer
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
     keep = tmp_path / "cache"
-    argv = [sys.executable, script, mode, data, tiny_model_dir, keep]
+    # room for the first part (in whole 4 KiB pages) and 8 KiB of bookkeeping: the second part does not fit
+    room = -(-(reference / "part-00000.parquet").stat().st_size // 4096) * 4096 + 8 * 1024
+    argv = [sys.executable, script, mode, data, tiny_model_dir, keep, room]
     if mode == "tmpfs":
         argv = ["unshare", "-rm", *argv]
     r = subprocess.run([str(a) for a in argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -611,7 +613,7 @@ def test_seen_pairs_finds_the_first_row_of_every_pair():
     ids = [hashlib.sha256(str(x).encode()).hexdigest()[:32] for x in rng.integers(0, 6000, 20_000)]
     seen, got = SeenPairs(), []
     for start in range(0, len(ids), 333):
-        got += list(seen.first_rows(ids[start:start + 333], np.arange(start, min(len(ids), start + 333))))
+        got += list(seen.first_rows(ids[start:start + 333], np.arange(start, min(len(ids), start + 333)))[0])
     first = {}
     assert got == [first.setdefault(p, i) for i, p in enumerate(ids)]
     assert len(seen) == len(first) and len(seen.runs) < 12

@@ -124,18 +124,26 @@ BAD_ROWS = [
 ]
 
 
+# the kind of each BAD_ROWS reason (rejected_rows.reason_kind)
+BAD_KINDS = ["missing_field", "null_field", "empty_field", "empty_field", "wrong_type", "same_completion",
+             "wrong_type", "wrong_type", "no_shared_prompt", "no_shared_prompt", "invalid_json", "not_an_object",
+             "invalid_text"]
+
+
 def test_each_bad_row_gets_a_readable_reason(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_bytes(b"\n".join(line for line, _ in BAD_ROWS) + b"\n")
     src = Source(f)
-    reasons = []
+    reasons, kinds = [], []
     for row in src.rows():
         with pytest.raises(Reject) as e:
             normalize(row, COLS)
         reasons.append(str(e.value))
+        kinds.append(e.value.kind)
     assert len(reasons) == len(BAD_ROWS)
     for reason, (_, want) in zip(reasons, BAD_ROWS):
         assert want in reason, (reason, want)
+    assert kinds == BAD_KINDS
 
 
 def test_tokenization_reasons_and_truncation(tok):
@@ -151,7 +159,7 @@ def test_tokenization_reasons_and_truncation(tok):
     ]
     kept, rejected = pt(rows)
     assert [p.index for p, _ in rejected] == [0]
-    assert "longer than max_length 32" in rejected[0][1]
+    assert "longer than max_length 32" in str(rejected[0][1]) and rejected[0][1].kind == "too_long"
     t1, t2 = kept
     full = tok("0 1 2 3 4 5 6 7 8 9")["input_ids"]
     assert len(full) > 8
@@ -162,7 +170,7 @@ def test_tokenization_reasons_and_truncation(tok):
     # identical after truncation -> rejected with a reason
     pt2 = PairTokenizer(tok, max_length=12, max_prompt_length=4)
     _, rej = pt2([Pair(3, "f", "d", "explicit", "0 1 2 3", count + " x", count + " y")])
-    assert "identical after truncation" in rej[0][1]
+    assert "identical after truncation" in str(rej[0][1]) and rej[0][1].kind == "same_after_truncation"
 
 
 def test_boundary_is_exact_for_every_format(tok, tmp_path):

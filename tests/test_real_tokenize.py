@@ -70,6 +70,7 @@ def test_smollm2_chatml_completions_are_exactly_the_template(smol):
     kept, rejected = PairTokenizer(smol, max_length=1024, max_prompt_length=512)(pairs)
     assert not rejected and len(kept) == 34 + 24
     assert_exact(smol, kept)
+    assert not any(t.boundary_merged for t in kept)  # ChatML: prompt_ids are the generation prompt's own tokens
     im_end, newline = smol.convert_tokens_to_ids(["<|im_end|>", "Ċ"])
     for t in kept:
         # TRL's path (apply_chat_template tokenizing itself) gives the same ids
@@ -86,7 +87,7 @@ def test_smollm2_chatml_completions_are_exactly_the_template(smol):
 
 def test_smollm2_plain_text_completions_end_with_one_eos(smol):
     kept, rejected = PairTokenizer(smol, max_length=1024, max_prompt_length=512)(real_pairs("hh_rlhf.jsonl"))
-    assert not rejected and len(kept) == 34
+    assert not rejected and len(kept) == 34 and not any(t.boundary_merged for t in kept)
     for t in kept:
         for side, ids in (("chosen", t.chosen_ids), ("rejected", t.rejected_ids)):
             assert ids[-1] == smol.eos_token_id and ids.count(smol.eos_token_id) == 1
@@ -119,7 +120,8 @@ def test_a_generation_prompt_that_is_not_a_prefix_is_rejected(tiny_model_dir):
     pairs = real_pairs("conversational.jsonl")
     kept, rejected = PairTokenizer(tok)(pairs)
     assert not kept and len(rejected) == len(pairs)
-    reason = rejected[0][1]
+    reason = str(rejected[0][1])
+    assert rejected[0][1].kind == "not_a_prefix"
     assert "not a prefix" in reason and "<think>" in reason and "\n" not in reason, reason
 
 
@@ -132,14 +134,15 @@ def test_two_user_turns_rejected_when_the_template_refuses(tiny_model_dir):
                                          Pair(1, "f", "y", "conversational", ok, a, b)])
     assert [t.pair.index for t in kept] == [1]
     assert [p.index for p, _ in rejected] == [0]
-    assert "Conversation roles must alternate" in rejected[0][1] and "\n" not in rejected[0][1]
+    reason = str(rejected[0][1])
+    assert "Conversation roles must alternate" in reason and "\n" not in reason and rejected[0][1].kind == "template_error"
 
 
 def test_truncation_cuts_chat_completions_from_the_right(smol):
     pairs = real_pairs("conversational.jsonl")
     pt = PairTokenizer(smol, max_length=96, max_prompt_length=48)
     kept, rejected = pt(pairs)
-    assert all("longer than max_length 96" in reason for _, reason in rejected)  # long multi-turn prompts
+    assert all("longer than max_length 96" in str(r) and r.kind == "too_long" for _, r in rejected)  # long prompts
     assert len(kept) >= 20
     im_end = smol.convert_tokens_to_ids("<|im_end|>")
     cut = 0
