@@ -25,7 +25,7 @@ from dpo.config import RESUME_FREE, TrainConfig
 from dpo.model import cache_fingerprint
 from dpo.parallel import World
 from pipeline.cache import read_manifest
-from refcache_base import UserError
+from refcache_base import SettingsChanged, UserError
 from refcache_base.files import write_json
 from refcache_base.lock import LOCK_PREFIX, DirLock
 
@@ -135,7 +135,7 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
     if ckpt:
         old = read_run_config(out)
         if old.get("lr_schedule") != resolved["lr_schedule"]:
-            raise UserError(f"{out} was started by an earlier refcache whose learning-rate schedule differs from "
+            raise SettingsChanged(f"{out} was started by an earlier refcache whose learning-rate schedule differs from "
                             "this one's (now transformers' formulas: warmup from 0, decay that ends after the last "
                             "update); resuming would change its learning rates mid-run: train it again in a new "
                             "--out")
@@ -156,7 +156,7 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
                                 "another model, other data or settings); resume with that cache, through any path "
                                 "to it, or use a new --out")
             k = changed[0]
-            raise UserError(f"{out} was started with different settings ({', '.join(changed)}; e.g. {k}: "
+            raise SettingsChanged(f"{out} was started with different settings ({', '.join(changed)}; e.g. {k}: "
                             f"{_short(old.get(k))} then, {_short(resolved[k])} now); resume with the same "
                             "settings or use a new --out")
         if ckpt.endswith(".pt") == resolved["sharded"]:
@@ -178,7 +178,7 @@ def _prepare(out: str, resolved: dict, resume: bool) -> tuple[str, str | None]:
 
 def open_run_dir(out: str, resolved: dict, resume: bool, world: World):
     """Rank 0 locks and prepares `out`; every process gets (run_id, checkpoint or None, lock or None). A refusal
-    raises the same UserError on every process."""
+    raises the same UserError (SettingsChanged where it is one) on every process."""
     answer, lock = None, None
     if world.master:
         try:
@@ -191,10 +191,10 @@ def open_run_dir(out: str, resolved: dict, resume: bool, world: World):
                 lock.release()
             if not isinstance(e, UserError):
                 raise
-            answer = ("error", str(e))
+            answer = ("error", str(e), isinstance(e, SettingsChanged))
     answer = world.broadcast(answer)
     if answer[0] == "error":
-        raise UserError(answer[1])
+        raise (SettingsChanged if answer[2] else UserError)(answer[1])
     return answer[1], answer[2], lock
 
 

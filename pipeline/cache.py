@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from pipeline import reject
 from pipeline.fingerprint import file_sha256
-from refcache_base import UserError, __version__
+from refcache_base import SettingsChanged, UserError, __version__
 from refcache_base.cache_schema import (
     READABLE_VERSIONS,
     REJECTED_SCHEMA,
@@ -297,7 +297,7 @@ def check_compatible(cache_dir: Path, fingerprint: str, settings: dict):
     for name, fp, old in found:
         if fp != fingerprint:
             diff = ", ".join(settings_diff(old, settings)) or "unknown"
-            raise UserError(f"{cache_dir}/{name} was made with different settings ({diff} differ"
+            raise SettingsChanged(f"{cache_dir}/{name} was made with different settings ({diff} differ"
                             f"{_inner_diff(old, settings)}); "
                             "use a new --out directory or delete this one")
 

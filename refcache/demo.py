@@ -38,6 +38,23 @@ def _banner(text: str) -> None:
 
 
 def run(args) -> int:
+    """The demo in --out; where --out holds a demo made with other settings or by an earlier refcache (it cannot
+    be resumed), in the first free --out-2, --out-3, ... instead, said in one line; nothing is deleted."""
+    from refcache_base import SettingsChanged
+
+    out = Path(args.out)
+    for n in range(2, 100):
+        try:
+            return _run(args, out)
+        except SettingsChanged as e:
+            nxt = next(p for k in range(n, 100) if not (p := Path(f"{args.out}-{k}")).exists())
+            print(f"note: {out} holds a demo this refcache cannot resume ({e}); starting again in {nxt}",
+                  flush=True)
+            out = nxt
+    raise SystemExit("refcache demo: no free --out folder; pass --out")
+
+
+def _run(args, out: Path) -> int:
     from dpo.train import TrainConfig, train
     from pipeline.backends import make_scorer, resolve_backend
     from pipeline.precompute import precompute
@@ -47,7 +64,6 @@ def run(args) -> int:
     from queries.fmt import render_table
     from queries.report import write_report
 
-    out = Path(args.out)
     model = DATA / "tiny-llama"
     t0 = time.time()
 

@@ -14,3 +14,8 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A problem with the user's input or settings. The CLI prints it as one line, no traceback."""
+
+
+class SettingsChanged(UserError):
+    """An existing cache or run was made with other settings (or by an earlier refcache) than asked now, so it
+    cannot be resumed. `refcache demo` moves to a new folder on it; every other command prints it."""
