@@ -8,6 +8,7 @@ vLLM 0.32's generate path returns no hidden states, so one pass cannot give both
 
 import contextlib
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -37,6 +38,7 @@ START_WAIT = {"compile": "takes 2-6 min on a CPU", "eager": "takes 30-90 s on a 
 # The CHES pass returns every position's hidden state to this process: one encode call holds at most this many
 # floats of them (512 MiB in fp32), whole pairs at a time.
 CHES_CALL_FLOATS = 1 << 27
+ENGINE_EXIT_S = 10.0  # how long close() waits for an engine process that vLLM has told to stop
 CHES_METHOD = ("second pass: a vLLM pooling engine (LLM.encode, token_embed task, use_activation=False: the final "
                "norm's output, not L2-normalized) over prompt + chosen and prompt + rejected, at the positions "
                "predicting each completion token")
@@ -201,17 +203,24 @@ class VLLMScorer(Backend):
         self.pool = None
         self.ches_seconds = self.ches_start_seconds = 0.0
         self.ches_pass = False
+        others, started = set(multiprocessing.active_children()), False
         t = time.time()
-        with _output_to(self.log):
-            self.llm = self._start(dict(args, seed=seed))
-        self.start_seconds = time.time() - t
-        if self.ches:
-            t = time.time()
+        try:
             with _output_to(self.log):
-                self.pool = self._start_pooling(dict(args, seed=seed))
-            self.ches_start_seconds = time.time() - t
-            self.hidden_size = self.pool.llm_engine.model_config.get_hidden_size()
-            self.ches_pass = True
+                self.llm = self._start(dict(args, seed=seed))
+            self.start_seconds = time.time() - t
+            if self.ches:
+                t = time.time()
+                with _output_to(self.log):
+                    self.pool = self._start_pooling(dict(args, seed=seed))
+                self.ches_start_seconds = time.time() - t
+                self.hidden_size = self.pool.llm_engine.model_config.get_hidden_size()
+                self.ches_pass = True
+            started = True
+        finally:  # the processes the engines started: close() waits for them
+            self.procs = [p for p in multiprocessing.active_children() if p not in others]
+            if not started:
+                self._drop_engines()  # the log stays, for the cause
         self.post_seconds = 0.0  # time spent turning engine output into numpy (measured, see bench)
 
     def _engine_args(self, batch_size, gpu_memory_utilization, kv_cache_gib) -> dict:
@@ -274,7 +283,6 @@ class VLLMScorer(Backend):
                        pooler_config=PoolerConfig(task="token_embed", use_activation=False))
         except Exception as e:  # noqa: BLE001 - one line, as for the first engine
             where = f" (engine log: {self.log})" if self.log else ""
-            self._drop_engines()  # the log stays, for the cause
             raise UserError(f"the vLLM engine for CHES did not start: {_reason(e, self.log)}{where}; --no-ches "
                             "skips it") from None
 
@@ -341,11 +349,17 @@ class VLLMScorer(Backend):
         return out
 
     def _drop_engines(self):
+        """Stop both engines, and wait for their processes: vLLM stops them but leaves them to their parent to
+        reap (a defunct VLLM::EngineCore per engine otherwise, until this process ends)."""
         import gc
 
         llm, pool, self.llm, self.pool = getattr(self, "llm", None), getattr(self, "pool", None), None, None
         del llm, pool
         gc.collect()
+        deadline = time.monotonic() + ENGINE_EXIT_S
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))  # reaps it
+        self.procs = [p for p in self.procs if p.is_alive()]
 
     def close(self):
         self._drop_engines()
