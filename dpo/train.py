@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dpo.config import TrainConfig, loss_params, validate
 from dpo.data import Pairs, epoch_batches, load_pairs, probe_subset
@@ -54,6 +53,7 @@ from pipeline.cache import content_id
 from pipeline.logps import bf16_matmul_native
 from pipeline.packing import takes_custom_mask
 from refcache_base import UserError, __version__, preempt
+from refcache_base.progress import Progress
 
 __all__ = ["Run", "Scores", "StepResult", "TrainConfig", "evaluate", "lr_factor", "probe", "score", "setup", "train",
            "train_step"]
@@ -64,18 +64,17 @@ def train(cfg: TrainConfig) -> dict | None:
     t_start = time.perf_counter()
     with setup(cfg) as run:
         cfg, log = run.cfg, run.log
-        bar = _progress_bar(run)
-        with preempt.at_step_end():  # a SIGTERM ends the step, checkpoints and stops (refcache_base/preempt.py)
+        # a SIGTERM ends the step, checkpoints and stops (refcache_base/preempt.py); the bar closes on any exit
+        with _progress_bar(run) as bar, preempt.at_step_end():
             for step in range(run.start_step, run.total_steps):
                 if cfg.probe_every and step % cfg.probe_every == 0:
                     log.add_probes(step, *_timed(probe, run))
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     log.add_eval(step, *_timed(evaluate, run))
                 row = log.add_step(step, train_step(run, step), run.train_pairs)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
-                                acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}",
-                                tok_s=f"{row['tokens'] / row['seconds']:,.0f}", refresh=False)
-                bar.update(1)
+                bar.update(1, loss=f"{row['loss']:.4f}", margin=f"{row['reward_margin']:.3f}",
+                           acc=f"{row['reward_accuracy']:.2f}", sps=f"{row['samples_per_s']:.1f}",
+                           tok_s=f"{row['tokens'] / row['seconds']:,.0f}")
                 done = step + 1
                 if preempt.requested(run.world):
                     bar.close()
@@ -87,7 +86,6 @@ def train(cfg: TrainConfig) -> dict | None:
                 else:
                     log.maybe_flush()
                 time.sleep(run.step_delay)
-        bar.close()
         peak_rss = run.world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # before saving
         shards = run.world.gather(local_sizes(run.net, run.opt))
 
@@ -344,7 +342,7 @@ def _timed(fn, run):
     return result, time.perf_counter() - t0
 
 
-def _progress_bar(run: Run):
-    return tqdm(total=run.total_steps, initial=run.start_step, unit="step", dynamic_ncols=True,
-                disable=not (run.world.master and run.cfg.progress),
-                desc=os.path.basename(os.path.normpath(run.cfg.out)))
+def _progress_bar(run: Run) -> Progress:
+    """Steps done (refcache_base/progress.py: a bar on a terminal, a line every N seconds in a log), on rank 0."""
+    return Progress(run.total_steps, "step", os.path.basename(os.path.normpath(run.cfg.out)),
+                    initial=run.start_step, enabled=run.world.master and run.cfg.progress)

@@ -197,11 +197,10 @@ def scan(src: Source, limit=None, progress=False) -> tuple[ExtraColumns, float]:
     t0 = time.perf_counter()
     bar = None
     if progress and src.kind != "datasets" and any(file_format(f) != "parquet" for f in src.files):
-        from tqdm.auto import tqdm
+        from refcache_base.progress import Progress
 
         total = src.approx_rows()
-        bar = tqdm(total=min(total, limit) if total and limit else total, unit="row", desc="scan columns",
-                   dynamic_ncols=True, leave=False)
+        bar = Progress(min(total, limit) if total and limit else total, "row", "scan columns", transient=True)
     mapped = set(src.columns.values())
     kinds: dict[str, set] = {}  # input name -> kinds seen, in first-seen order
 

@@ -39,6 +39,7 @@ from refcache_base import UserError, __version__
 from refcache_base.cache_schema import SCHEMA_VERSION
 from refcache_base.limits import allowed, inside
 from refcache_base.lock import DirLock
+from refcache_base.progress import Progress
 
 DEFAULT_MAX_LENGTH = 1024  # max_length when not given (less when the model's context is shorter)
 
@@ -349,7 +350,8 @@ class LazyScorer:
 def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, log: str, on_scored=None) -> dict:
     """Tokenize and score chunk k's pairs and write part k (every row not kept recorded with its reason): a run's
     one unit of work, done in this process (PartWriter) or in a Ray actor (pipeline/distributed.py). `log` is the
-    writer's write log (cache.write_part); on_scored(pairs, tokens) after each scoring call. Returns the part's
+    writer's write log (cache.write_part); on_scored(pairs, tokens, seconds) as the scorer finishes pairs (whole
+    pairs and their tokens, seconds of scoring so far; see Tally). Returns the part's
     metadata record ("part") with what scoring and writing it took (tokens, completion_tokens, post_seconds,
     score_seconds, write_seconds; ches_seconds and ches_start_seconds where CHES takes a pass of its own)."""
     pairs = [p for p in items if isinstance(p, Pair)]
@@ -371,26 +373,24 @@ def build_part(job: Job, out: Path, k: int, items: list, scorers: LazyScorer, lo
 
 def _score(job: Job, scorers: LazyScorer, kept: list, done: dict, on_scored=None) -> tuple:
     """(chosen, rejected, ches, ln_ches), one entry per kept pair, scored the backend's pairs_per_call at a time;
-    adds the tokens and seconds to `done`."""
+    adds the tokens and seconds to `done`; on_scored(pairs, tokens, seconds) as pairs are done."""
     cols = ([], [], [], [])
     ts = time.time()
     step = BACKENDS[job.backend].pairs_per_call
+    scored = None if on_scored is None else lambda pairs, tokens: on_scored(pairs, tokens, time.time() - ts)
     for j in range(0, len(kept), step):
         group = kept[j: j + step]
         scorer = scorers.get()
         if j == 0:
             ts = time.time()  # the scorer's start excluded
         post0, ches0 = scorer.post_seconds, scorer.ches_seconds
-        for col, values in zip(cols, score_group(scorer, group)):
+        for col, values in zip(cols, score_group(scorer, group, scored)):
             col += values
         done["post_seconds"] += scorer.post_seconds - post0  # engine output -> numpy
         done["ches_seconds"] += scorer.ches_seconds - ches0  # CHES's own pass (vllm)
         done["ches_start_seconds"] = scorer.ches_start_seconds  # a given scorer's too: what CHES cost it
-        tokens = sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-        done["tokens"] += tokens
+        done["tokens"] += sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
         done["completion_tokens"] += sum(len(t.chosen_ids) + len(t.rejected_ids) for t in group)
-        if on_scored is not None:
-            on_scored(len(group), tokens, time.time() - ts)
     done["score_seconds"] = time.time() - ts if kept else 0.0
     return cols
 
@@ -418,7 +418,7 @@ class PartWriter:
         """Tokenize and score chunk k's pairs and write part k."""
         tokens, busy = [self.stats.tokens], self.score_seconds
 
-        def scored(pairs, n, seconds):  # progress after each scoring call, with tokens/s so far
+        def scored(pairs, n, seconds):  # progress as pairs are scored, with tokens/s so far
             tokens[0] += n
             advance(self.bar, pairs, tokens=tokens[0], seconds=busy + seconds)
 
@@ -444,22 +444,61 @@ def advance(bar, n: int, tokens: int | None = None, seconds: float | None = None
     """Move the progress bar (None: no bar) by n pairs; with tokens and seconds (scoring so far), show tokens/s."""
     if bar is None:
         return
-    bar.update(n)
     if tokens is not None:
-        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):,.0f}", **postfix, refresh=False)
+        postfix = {"tok_s": f"{tokens / max(seconds, 1e-9):,.0f}", **postfix}
+    bar.update(n, **postfix)
 
 
-def score_group(scorer, group: list) -> tuple:
+def score_group(scorer, group: list, on_scored=None) -> tuple:
     """Score tokenized pairs: (chosen log-probs, rejected log-probs, ches, ln_ches), one entry per pair. A scorer
     that packs a pair into one prompt-shared row (hf) returns CHES from the same forward; the others score two
-    sequences per pair and give CHES from `pair_ches` (vllm: a second pass), or none (null) where they do not."""
+    sequences per pair and give CHES from `pair_ches` (vllm: a second pass), or none (null) where they do not.
+    on_scored(pairs, tokens) as the scorer finishes its batches (Tally)."""
+    tokens = sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in group)
     if scorer.can_pack():
-        lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group])
+        tally = Tally(len(group), tokens, len(group), tokens, on_scored)
+        lps = scorer.score_pairs([(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in group], tally.on_batch)
+        tally.finish()
         return [x[0] for x in lps], [x[1] for x in lps], [x[2] for x in lps], [x[3] for x in lps]
     seqs, starts = sequences(group)
-    lps = scorer.score(seqs, starts)
-    ches = scorer.pair_ches(seqs, starts) or [(None, None)] * len(group)
+    passes = 2 if scorer.ches_pass else 1
+    tally = Tally(len(group), tokens, passes * len(seqs), passes * sum(map(len, seqs)), on_scored)
+    lps = scorer.score(seqs, starts, tally.on_batch)
+    ches = scorer.pair_ches(seqs, starts, tally.on_batch) or [(None, None)] * len(group)
+    tally.finish()
     return lps[0::2], lps[1::2], [c for c, _ in ches], [c for _, c in ches]
+
+
+class Tally:
+    """One scoring call's progress in whole pairs: the scorer reports its work as it goes (`on_batch(units,
+    tokens)`: pairs, or the sequences of each of its passes, with their tokens as it counts them, or None where it
+    cannot tell which finished); `report(pairs, tokens)` gets the share of the call's pairs and scored tokens
+    (prompt once + chosen + rejected) that this is, pro rata, in whole numbers that add up to the call's own at
+    `finish` (which reports what a scorer without progress left)."""
+
+    def __init__(self, pairs: int, tokens: int, units: int, unit_tokens: int, report=None):
+        self.pairs, self.tokens, self.units, self.unit_tokens, self.report = pairs, tokens, units, unit_tokens, report
+        self.units_done, self.tokens_done = 0, 0  # tokens_done None: the scorer does not count them
+        self.sent = [0, 0]  # pairs, tokens reported
+        self.on_batch = None if report is None else self._add
+
+    def _add(self, units: int, tokens=None):
+        self.units_done += units
+        self.tokens_done = None if tokens is None or self.tokens_done is None else self.tokens_done + tokens
+        share = self.units_done / max(self.units, 1) if self.tokens_done is None else \
+            self.tokens_done / max(self.unit_tokens, 1)
+        self._send(self.pairs * min(self.units_done, self.units) // max(self.units, 1),
+                   min(self.tokens, int(self.tokens * share)))
+
+    def _send(self, pairs: int, tokens: int):
+        pairs, tokens = max(pairs, self.sent[0]), max(tokens, self.sent[1])
+        if [pairs, tokens] != self.sent:
+            self.report(pairs - self.sent[0], tokens - self.sent[1])
+            self.sent = [pairs, tokens]
+
+    def finish(self):
+        if self.report is not None:
+            self._send(self.pairs, self.tokens)
 
 
 def part_meta(job: Job, k: int, items: list, kept: list, rejected: list, scorer) -> dict:
@@ -648,16 +687,14 @@ def _check_context(model_dir, max_length, backend):
     return max_length
 
 
-def progress_bar(src, limit, shard_n, enabled):
+def progress_bar(src, limit, shard_n, enabled) -> Progress | None:
+    """The run's progress in pairs (refcache_base/progress.py: a bar on a terminal, lines in a log); None when off."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     total = src.approx_rows()
     if total is not None and limit is not None:
         total = min(total, limit)
-    return tqdm(total=None if total is None else math.ceil(total / shard_n), unit="pair", desc="precompute",
-                dynamic_ncols=True)
+    return Progress(None if total is None else math.ceil(total / shard_n), "pair", "precompute")
 
 
 def ches_cost(s: dict) -> dict:

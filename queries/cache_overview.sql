@@ -12,6 +12,7 @@
 -- (rejected_rows.reason_kind; the reason text itself for a cache written before kinds; see rejected_rows for which). Cost: the edit distance is O(chosen_len * rejected_len) per pair (about 1 s per
 -- 1,000 pairs of 300 tokens each on one core).
 --
+-- empty: the caches hold no pairs and no rejected rows
 -- needs: pairs
 WITH pc AS (
     SELECT cache,

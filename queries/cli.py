@@ -11,6 +11,7 @@ import polars as pl
 from refcache_base import UserError
 
 FORMATS = ("table", "csv", "json", "parquet")
+SQL_EMPTY = "the statement returned nothing"  # what no rows means for `refcache sql`
 MAX_ROWS = 60  # table rows printed to a terminal unless --max-rows says otherwise
 
 
@@ -137,9 +138,10 @@ def _select_columns(df: pl.DataFrame, columns) -> pl.DataFrame:
     return df.select(names)
 
 
-def emit(df: pl.DataFrame, fmt: str, output=None, con=None, columns=None, max_rows=MAX_ROWS):
+def emit(df: pl.DataFrame, fmt: str, output=None, con=None, columns=None, max_rows=MAX_ROWS, empty=SQL_EMPTY):
     """Write `df` as `fmt` to `output` or stdout. A table on stdout fits the terminal (see fmt.render_table);
-    a table in a file, and every other format, holds all rows and columns."""
+    a table in a file, and every other format, holds all rows and columns. A table without rows is one line,
+    "no rows: `empty`" (what that means; csv, json and parquet keep the columns)."""
     from queries.fmt import render_table
 
     if output and con is not None:
@@ -156,10 +158,10 @@ def emit(df: pl.DataFrame, fmt: str, output=None, con=None, columns=None, max_ro
     elif fmt == "json":
         text = df.write_json()
     elif output:
-        text = render_table(df, width=None, max_rows=None)
+        text = render_table(df, width=None, max_rows=None, empty=empty)
     else:
         text = render_table(df, width=shutil.get_terminal_size((120, 40)).columns, max_rows=max_rows,
-                            more_hint="every row and column: --format csv, or --output FILE")
+                            more_hint="every row and column: --format csv, or --output FILE", empty=empty)
     if fmt != "parquet":
         if output:
             Path(output).write_text(text if text.endswith("\n") else text + "\n")
@@ -195,7 +197,7 @@ def cmd_query(args):
     q = get_query(args.name)  # unknown name / bad params fail before any file is opened
     params = resolve_params(q, parse_param_args(args.param))
     con = _connect(args)
-    emit(run_query(con, q.name, params), args.format, args.output, con, args.columns, args.max_rows)
+    emit(run_query(con, q.name, params), args.format, args.output, con, args.columns, args.max_rows, q.empty)
     return 0
 
 

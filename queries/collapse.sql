@@ -12,6 +12,7 @@
 --
 -- param: min_falls = 3 [1, ] consecutive probe-to-probe falls that raise the alarm
 -- param: min_accuracy = 0.8 [0, 1] accuracy every falling probe must reach
+-- empty: no collapse alarm (no probe split's mean chosen reward fell min_falls probes in a row while accuracy held)
 -- needs: examples
 WITH per_probe AS (
     SELECT run, split, step,

@@ -10,6 +10,7 @@
 -- param: step = -1 [-1, ] probe step to compare at; -1 = the last probe step common to all runs
 -- param: tol = 0.001 [0, ] nats a log-prob must move to count as fallen or risen (at least the step-0 noise)
 -- param: tail = 10 [1, ] optimizer steps averaged for final_loss / final_accuracy
+-- empty: no probe step that every run has reached (or none at that step)
 -- needs: examples
 WITH probe_steps AS (
     SELECT DISTINCT run, step FROM examples WHERE source = 'probe'

@@ -20,6 +20,7 @@
 -- param: limit = 15 [1, ] rows per run
 -- param: split = 'all' {all, train, eval} which probe pairs
 -- param: min_margin_gain = 0.0 how much the margin must have grown since the first probe
+-- empty: no displaced pairs (no probe pair's chosen log-prob fell beyond the step-0 noise while its margin grew)
 -- needs: examples, pairs
 WITH top AS (
     SELECT * FROM displaced($step, $split, $min_margin_gain) WHERE rank <= $limit

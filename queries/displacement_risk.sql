@@ -16,6 +16,7 @@
 -- Cost: the edit distance is computed for the listed pairs only.
 --
 -- param: limit = 15 [1, ] rows per cache
+-- empty: the caches hold no pairs
 -- needs: pairs, ches
 WITH top AS (
     SELECT * FROM risk WHERE risk_rank <= $limit

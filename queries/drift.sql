@@ -13,6 +13,7 @@
 -- steps.parquet; at step 0 the margins are floating-point noise around 0, so accuracy there means nothing).
 --
 -- param: tol = 0.001 [0, ] nats a log-prob must move to count as fallen or risen (at least the step-0 noise)
+-- empty: the runs logged no probe pairs (trained with --probe-size 0?)
 -- needs: examples
 WITH p AS (
     SELECT run, split, step,

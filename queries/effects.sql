@@ -30,6 +30,7 @@
 -- param: top = 15 [1, ] displaced pairs ranked for near_identical_in_top (as displacement's limit)
 -- param: z = 1.96 [0, ] interval half-width in standard errors (1.96: 95%)
 -- param: alpha = 0.05 [0, 1] family-wise error rate of each run's tests (Holm)
+-- empty: no probe pairs at that step to test (the runs logged none there: --probe-size 0?)
 -- needs: examples
 WITH p AS (
     SELECT e.run, e.split, e.step, e.pair_id, e.margin,

@@ -3,7 +3,8 @@
 num(x)                 a number by its magnitude: 2400 (integers as integers), 0.5938, -18.15, 1e-06, 2.86e-06
 format_column(values)  the cells of one column, with decimals chosen from the column's largest value
 render_table(df, ...)  a plain-text table that fits a width: all columns if they fit; else, for a few rows,
-                       one line per column (transposed); else the leading columns that fit and a note
+                       one line per column (transposed); else the leading columns that fit and a note;
+                       no rows: one line saying what that means
 """
 
 import math
@@ -12,6 +13,7 @@ from decimal import Decimal
 import polars as pl
 
 SIG = 4  # significant digits of a plain number
+NOTHING = "nothing matched"  # what a table without rows means, unless its maker says
 GAP = "  "  # between table columns
 
 
@@ -90,11 +92,14 @@ def _grid(header: list[str], cols: list[list[str]], right: list[bool]) -> list[s
 
 
 def render_table(df: pl.DataFrame, width: int | None = None, max_rows: int | None = 60,
-                 more_hint: str = "") -> str:
+                 more_hint: str = "", empty: str = NOTHING) -> str:
     """`df` as text no wider than `width` (None: no limit) with at most `max_rows` rows (None/0: all).
-    What is left out is said in a note at the end, with `more_hint` (how to see it) appended."""
+    What is left out is said in a note at the end, with `more_hint` (how to see it) appended. Without rows:
+    "no rows: `empty`" (what that means), one line."""
     if df.width == 0:
         return "(no columns)\n"
+    if df.height == 0:
+        return f"no rows: {empty}\n"
     shown = df if not max_rows or df.height <= max_rows else df.head(max_rows)
     cells = [format_column(shown[c].to_list()) for c in df.columns]
     right = [_numeric(df.schema[c]) for c in df.columns]

@@ -10,6 +10,7 @@
 -- step-0 margin noise (view probe_noise); also where the length difference is constant.
 --
 -- param: source = 'probe' {probe, train} probe pairs (fixed set) or the training batches
+-- empty: no pairs of that source at any step (probe: trained with --probe-size 0?)
 -- needs: examples
 WITH g AS (
     SELECT run, split, step,

@@ -71,6 +71,14 @@ def _series(df, runs):
                 yield run, split, colours[(run, split)], STYLE[split], label, rows
 
 
+def _line(ax, x, y, **kw):
+    """ax.plot of one series over steps; a series of one point gets a marker (a line through one point draws
+    nothing: a run probed once would leave the panel blank)."""
+    if len(x) == 1 and "marker" not in kw:
+        kw = {**kw, "marker": "o", "ms": 6}
+    return ax.plot(x, y, **kw)
+
+
 def _steps_axis(ax, xlabel=True):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if xlabel:
@@ -146,7 +154,7 @@ def _plot_steps(steps, drift, runs, out_dir):
                 if col != "lr":
                     ax.plot(x, y.to_numpy(), color=c, lw=0.6, alpha=0.25)
                     y = y.rolling_mean(w, min_samples=1)
-                ax.plot(x, y.to_numpy(), color=c, lw=1.6, label=label)
+                _line(ax, x, y.to_numpy(), color=c, lw=1.6, label=label)
         ev = drift.filter((pl.col("run") == run) & (pl.col("split") == "eval")).sort("step")
         if ev.height:
             panel["loss"].plot(ev["step"].to_numpy(), ev["loss_mean"].to_numpy(), color=colours[(run, "eval")],
@@ -179,11 +187,14 @@ def _plot_drift(drift, coll, runs, out_dir):
             x = r["step"].to_numpy()
             if bands:
                 lo, hi = r[f"{side}_drift_p10"].to_numpy(), r[f"{side}_drift_p90"].to_numpy()
-                ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0)
+                if len(x) == 1:  # one probe step: the band is a bar
+                    ax.plot([x[0], x[0]], [lo[0], hi[0]], color=c, lw=10, alpha=0.2, solid_capstyle="butt")
+                else:
+                    ax.fill_between(x, lo, hi, color=c, alpha=0.12, lw=0)
                 for edge in (lo, hi):  # the band's edges in the series' own style, to tell the bands apart
                     ax.plot(x, edge, color=c, ls=ls, lw=0.7, alpha=0.6)
-            ax.plot(x, r[f"{side}_drift_mean"].to_numpy(), color=c, ls=ls, lw=1.8,
-                    label=f"{label}: mean" if not label.startswith("_") else label)
+            _line(ax, x, r[f"{side}_drift_mean"].to_numpy(), color=c, ls=ls, lw=1.8,
+                  label=f"{label}: mean" if not label.startswith("_") else label)
         ax.axhline(0, color="0.4", lw=0.8)
         if side == "chosen":
             _mark_collapse(ax, coll, runs, drift, "chosen_drift_mean")
@@ -200,9 +211,9 @@ def _two_panels(drift, runs, left, right, right_from=0):
     steps, a line per run/split."""
     fig, axes = _figure(2, sharex=True)
     for run, split, c, ls, label, r in _series(drift, runs):
-        axes[0].plot(r["step"].to_numpy(), r[left].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        _line(axes[0], r["step"].to_numpy(), r[left].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
         r = r.filter(pl.col("step") >= right_from)
-        axes[1].plot(r["step"].to_numpy(), r[right].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
+        _line(axes[1], r["step"].to_numpy(), r[right].to_numpy(), color=c, ls=ls, lw=1.8, label=label)
     for ax in axes:
         _steps_axis(ax)
     return fig, axes

@@ -6,6 +6,8 @@ Header format (comment lines at the top of the file):
     -- param: NAME = 'DEFAULT' @VIEW help            (a column name of VIEW, e.g. `by` of slices.sql)
     -- needs: examples, pairs                        (views that must have at least one source; `ches`: a
                                                      cache with CHES scores, view `caches`)
+    -- empty: no displaced pairs (...)              (what a result without rows means, printed instead of
+                                                     an empty table: "no rows: <this>")
 Parameters reach DuckDB as bound values (`$NAME`), never pasted into the SQL text. The exception is a
 column-name parameter (@VIEW): identifiers cannot be bound, so its value must name a column of VIEW (looked up
 on the connection) and `$NAME` is replaced by that column's name, quoted.
@@ -21,6 +23,7 @@ import duckdb
 import polars as pl
 
 from queries.db import check_read_only, one_line, view_sources
+from queries.fmt import NOTHING
 from refcache_base import UserError
 
 QUERY_DIR = Path(__file__).parent
@@ -75,6 +78,7 @@ class Query:
     description: str
     params: dict = field(default_factory=dict)
     needs: list = field(default_factory=list)
+    empty: str = NOTHING  # what a result without rows means (the header's `empty:` line)
     sql: str = ""
     path: Path | None = None
 
@@ -108,6 +112,8 @@ def parse_query(path: Path) -> Query:
                                               m.group("view"))
         elif re.match(r"^--\s*needs:", line):
             q.needs = [v.strip() for v in line.split(":", 1)[1].split(",") if v.strip()]
+        elif re.match(r"^--\s*empty:", line):
+            q.empty = line.split(":", 1)[1].strip()
     return q
 
 

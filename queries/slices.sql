@@ -20,6 +20,7 @@
 -- param: bins = 0 [0, 100] cut the column into this many equal-count bins (for scores); 0 = one slice per value
 -- param: step = -1 [-1, ] probe step; -1 = each run's last probe step
 -- param: split = 'all' {all, train, eval} which probe pairs
+-- empty: no probe pairs at that step to slice (the runs logged none there: --probe-size 0?)
 -- needs: examples, pairs
 WITH info AS (
     SELECT pair_id, any_value($by) AS value, avg(ln_ches) AS ln_ches FROM pairs GROUP BY pair_id

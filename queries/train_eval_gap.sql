@@ -7,6 +7,7 @@
 -- *_gap = eval - train (negative margin_gap / accuracy_gap: eval lags). Drift columns are policy -
 -- reference log-probs (nats). NULL on one side where a run has no probe pairs from that split.
 --
+-- empty: the runs logged no probe pairs (trained with --probe-size 0?)
 -- needs: examples
 WITH g AS (
     SELECT run, step, split,

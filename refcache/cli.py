@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from refcache_base import UserError, __version__, preempt
+from refcache_base import UserError, __version__, preempt, progress
 
 DESCRIPTION = """Offline reference log-probs for DPO: score pairs once with the reference model (precompute),
 train DPO-family losses from that cache many times (train, sweep), and diagnose caches and runs with
@@ -264,7 +264,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     preempt.install()  # SIGTERM (a scheduler's time limit or eviction) stops like Ctrl-C
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            progress.close_all()  # an open bar ends its line first: an error below starts a line of its own
     except UserError as e:
         print(f"refcache {args.command}: error: {e}", file=sys.stderr)
         return 2

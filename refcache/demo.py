@@ -14,6 +14,7 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
+SHOWN_ROWS = 12  # rows of each table; a per-step table shows that many probe steps, evenly spaced
 
 
 def add_commands(sub) -> None:
@@ -31,6 +32,48 @@ def add_commands(sub) -> None:
                    "real models want 5e-7..1e-6)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
     p.set_defaults(func=run)
+
+
+# diagnostic -> (params, columns printed; `refcache query NAME --run ...` shows them all)
+SHOWN = {
+    "drift": ({}, ["split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share", "margin_mean",
+                   "accuracy"]),
+    "displacement": ({"limit": 8}, ["rank", "split", "chosen_drift", "rejected_drift", "margin_gain",
+                                    "edit_distance", "rel_edit", "near_identical", "length_diff"]),
+    "collapse": ({}, None),
+    "length": ({}, ["split", "step", "corr_summed", "corr_per_token"]),
+    "effects": ({}, ["split", "metric", "above_noise", "estimate", "ci_low", "ci_high", "null_value"]),
+}
+PER_STEP = ("drift", "length")  # shown for the eval probes, SHOWN_ROWS steps spread from the first to the last
+
+
+def show_diagnostics(con, run_dir) -> None:
+    """Print the key diagnostics of the run as tables that fit the terminal."""
+    from queries import run_query
+    from queries.fmt import render_table
+    from queries.runner import get_query
+
+    width = shutil.get_terminal_size((120, 40)).columns
+    for name, (params, cols) in SHOWN.items():
+        df = run_query(con, name, params)
+        more = f"all of it: refcache query {name} --run {run_dir}"
+        if name in PER_STEP:
+            df = df.filter(pl.col("split") == "eval")
+        print(f"\n-- {name} (eval probes)" if name in PER_STEP else f"\n-- {name}")
+        table = df.select([c for c in cols if c in df.columns]) if cols else df
+        if name in PER_STEP and df.height > SHOWN_ROWS:
+            print(render_table(evenly_spaced(table, SHOWN_ROWS), width=width, max_rows=None), end="")
+            print(f"note: {SHOWN_ROWS} of {df.height} probe steps, evenly spaced from the first to the last; {more}")
+        else:
+            print(render_table(table, width=width, max_rows=SHOWN_ROWS, more_hint=more,
+                               empty=get_query(name).empty), end="")
+
+
+def evenly_spaced(df: pl.DataFrame, n: int) -> pl.DataFrame:
+    """n rows of `df` (n >= 2) spread evenly from its first row to its last, both included."""
+    if df.height <= n:
+        return df
+    return df[sorted({round(i * (df.height - 1) / (n - 1)) for i in range(n)})]
 
 
 def _banner(text: str) -> None:
@@ -59,9 +102,8 @@ def _run(args, out: Path) -> int:
     from pipeline.backends import make_scorer, resolve_backend
     from pipeline.precompute import precompute
     from pipeline.verify import verify
-    from queries import findings, run_query
+    from queries import findings
     from queries.db import connect
-    from queries.fmt import render_table
     from queries.report import write_report
 
     model = DATA / "tiny-llama"
@@ -91,26 +133,7 @@ def _run(args, out: Path) -> int:
 
     _banner("stage 3: diagnostics (DuckDB over the cache and the run logs)")
     con = connect(runs=[run_dir], caches=[caches["train"], caches["eval"]])
-    shown = {  # diagnostic -> (params, columns printed; `refcache query NAME --run ...` shows them all)
-        "drift": ({}, ["split", "step", "chosen_drift_mean", "rejected_drift_mean", "both_down_share",
-                       "margin_mean", "accuracy"]),
-        "displacement": ({"limit": 8}, ["rank", "split", "chosen_drift", "rejected_drift", "margin_gain",
-                                        "edit_distance", "rel_edit", "near_identical", "length_diff"]),
-        "collapse": ({}, None),
-        "length": ({}, ["split", "step", "corr_summed", "corr_per_token"]),
-        "effects": ({}, ["split", "metric", "above_noise", "estimate", "ci_low", "ci_high", "null_value"]),
-    }
-    width = shutil.get_terminal_size((120, 40)).columns
-    for name, (params, cols) in shown.items():
-        df = run_query(con, name, params)
-        if "split" in df.columns and name in ("drift", "length"):
-            df = df.filter(pl.col("split") == "eval")
-        print(f"\n-- {name} (eval probes)" if name in ("drift", "length") else f"\n-- {name}")
-        if df.is_empty():
-            print("(no rows: nothing detected)")
-        else:
-            print(render_table(df.select([c for c in cols if c in df.columns]) if cols else df, width=width,
-                               max_rows=12, more_hint=f"all of it: refcache query {name} --run {run_dir}"), end="")
+    show_diagnostics(con, run_dir)
     report_path = write_report([run_dir], caches=[caches["train"], caches["eval"]], out_dir=out / "report")
 
     _banner(f"done in {time.time() - t0:.0f} s")

@@ -5,6 +5,7 @@ the version, and small shared jobs in their own modules:
   preempt        SIGTERM handled like Ctrl-C (a scheduler's time limit or eviction)
   files          atomic writes (temp file, fsync, rename)
   limits         allowed ranges of numbers, as interval strings ("[1, inf)"), with the one-line message
+  progress       a long loop's progress: a bar on a terminal, a plain line every N seconds in a log
   cache_schema   the stage-1 cache's columns: the contract between stage 1 and stages 2 and 3
   runlog_schema  the run directory's logs: the contract between stage 2 and stage 3
 """

@@ -218,7 +218,7 @@ def make_run(out, train_pairs, eval_pairs=None, *, name=None, beta=0.1, loss="si
     step_rows, chunks, part, total = [], [], 0, 0
     for s in range(steps + 1):
         t = s / steps
-        if s % probe_every == 0 or s == steps:
+        if (probe_every and s % probe_every == 0) or s == steps:  # 0: only at the end, as `refcache train`
             for split, arr, idx in probe_sets:
                 chunks.append(rows(arr, idx, s, t, "probe", split, zero=(s == 0)))
         if s < steps:  # the batch of step s, computed before update s

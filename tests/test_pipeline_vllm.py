@@ -3,6 +3,7 @@ each score's scale) on the embedded data; --no-ches; its KV cache sized from the
 terminal while it starts; the backend registry."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from pipeline.precompute import format_summary, precompute
 from pipeline.verify import TOLERANCE, compare
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.progress import SECONDS_ENV
 
 
 def per_token_diff(vllm_cache, hf_cache):
@@ -42,6 +44,21 @@ def per_token_diff(vllm_cache, hf_cache):
                 for x in pair]
 
     return compare(token_logps(tb), token_logps(ta), *TOLERANCE["float32"], beta=0.1)
+
+
+def engine_processes() -> list:
+    """This process's children that vLLM's engines started and that are still there, running or defunct (exited
+    but never waited for): after close(), none."""
+    import psutil
+
+    out = []
+    for c in psutil.Process().children():
+        try:
+            if c.name().startswith("VLLM"):
+                out.append((c.pid, c.name(), c.status()))
+        except psutil.NoSuchProcess:  # gone meanwhile
+            pass
+    return out
 
 
 # --- backend interface and registry (no engine) ---
@@ -119,6 +136,7 @@ def test_a_failed_engine_start_is_one_line_with_its_cause(tiny_model_dir):
     log = Path(msg.rsplit("(engine log: ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text()
     log.unlink()
+    assert not engine_processes()
 
 
 def test_no_ches_starts_one_engine_and_says_why_the_cache_has_none(tmp_path, tiny_model_dir, prefs_dir, capsys):
@@ -130,6 +148,7 @@ def test_no_ches_starts_one_engine_and_says_why_the_cache_has_none(tmp_path, tin
             "--limit", "16", "--no-progress"]
     capsys.readouterr()
     assert cli_main([*argv, "--no-ches"]) == 0
+    assert not engine_processes()  # the engine closed, and its process was waited for
     printed = capsys.readouterr()
     assert "starting the vLLM engine (tiny-llama" in printed.err and "second one for CHES" not in printed.err
     why = "no CHES in this cache: built with the vllm backend and --no-ches; rebuild without --no-ches"
@@ -213,3 +232,15 @@ def test_vllm_matches_hf_per_token_fp32(tmp_path, vllm_scorer, eval_cache, tiny_
     with capsys.disabled():
         print(f"refcache verify (vllm cache): max {r['max_abs_diff']:.3g} mean {r['mean_abs_diff']:.3g} "
               f"over {r['tokens']} tokens; implied margin error at beta 0.1: {r['margin_error_max']:.3g}")
+
+
+def test_progress_moves_as_requests_finish(tmp_path, vllm_scorer, tiny_model_dir, prefs_dir, monkeypatch, capsys):
+    """64 pairs are one scoring call (pairs_per_call 1024) of two passes (log-probs, then CHES) over 128 sequences:
+    the progress lines move as vLLM finishes requests, in whole pairs, not once at the end of the call."""
+    monkeypatch.setenv(SECONDS_ENV, "0")
+    capsys.readouterr()
+    precompute(prefs_dir / "eval.jsonl", tiny_model_dir, tmp_path / "p", limit=64, scorer=vllm_scorer)
+    err = capsys.readouterr().err
+    counts = [int(m[1]) for m in re.finditer(r"^precompute: (\d+)/64 pairs", err, re.MULTILINE)]
+    assert len(counts) >= 4 and counts == sorted(set(counts)) and counts[-1] == 64, err
+    assert min(counts) <= 32  # moved during the first pass already

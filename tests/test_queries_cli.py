@@ -148,6 +148,25 @@ def test_cut_result_says_how_to_see_all(world, capsys, tmp_path):
     assert len(table_lines(text)) == 2 + queries.run_query(queries.connect([run]), "drift").height
 
 
+def test_no_rows_is_one_line_saying_what_that_means(world, capsys, tmp_path):
+    """A table without rows is one line, "no rows: ..." in the query's own words (its header's `empty:` line),
+    not its columns stood on end; csv keeps the header, for programs."""
+    run = world["runs"][0]
+    _, out = run_cli(["query", "displacement", "--run", run, "--param", "min_margin_gain=1e9"], capsys)
+    assert out == ("no rows: no displaced pairs (no probe pair's chosen log-prob fell beyond the step-0 noise while "
+                   "its margin grew)\n")
+    _, out = run_cli(["sql", "SELECT 1 AS x WHERE false", "--run", run], capsys)
+    assert out == "no rows: the statement returned nothing\n"
+    run_cli(["query", "displacement", "--run", run, "--param", "min_margin_gain=1e9", "--output", tmp_path / "d"],
+            capsys)
+    assert (tmp_path / "d").read_text().startswith("no rows: no displaced pairs")
+    _, out = run_cli(["query", "displacement", "--run", run, "--param", "min_margin_gain=1e9", "--format", "csv"],
+                     capsys)
+    assert out.startswith("run,rank,split,step,chosen_drift,") and out.count("\n") == 1
+    # every diagnostic says what no rows means
+    assert all(q.empty != "nothing matched" and q.empty in q.sql for q in queries.list_queries())
+
+
 def test_help_describes_and_shows_defaults(capsys):
     from refcache.cli import build_parser
 

@@ -112,3 +112,30 @@ def test_report_of_a_run_that_learned_nothing(tmp_path):
     assert "nothing is above noise" in findings and "Above noise" not in findings
     assert "near-identical pairs" not in findings and "collapse alarm" not in findings
     assert "the run as a whole shows no displacement" in page
+
+
+def test_a_run_probed_once_draws_its_point(tmp_path, monkeypatch):
+    """A run that probed once (`--probe-every 0`: only at the end) has one point per series: a line through one
+    point draws nothing, so each drift, shares and margin/accuracy panel must show it with a marker."""
+    from queries import report
+
+    w = make_world(tmp_path / "w", runs=(("once", 0.1),), steps=40, probe_every=0, n_probe=24)
+    figures = {}
+    save = report._save
+
+    def keep(fig, out_dir, name):  # the figure as drawn, before it is written and closed
+        figures[name] = fig
+        return save(fig, out_dir, name)
+
+    monkeypatch.setattr(report, "_save", keep)
+    write_report(w["runs"], out_dir=tmp_path / "rep")
+    drift = queries.run_query(queries.connect(w["runs"]), "drift")
+    assert drift["step"].unique().to_list() == [40]
+    for name in ("drift.png", "shares.png", "margin_accuracy.png"):
+        for ax in figures[name].axes:
+            points = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [40]
+                      and ln.get_marker() not in (None, "", " ", "None")]
+            assert len(points) == 2, (name, ax.get_title())  # train and eval probes, each a visible marker
+    chosen = figures["drift.png"].axes[0]
+    means = sorted(float(ln.get_ydata()[0]) for ln in chosen.get_lines() if ln.get_marker() == "o")
+    assert means == pytest.approx(sorted(drift["chosen_drift_mean"].to_list()))

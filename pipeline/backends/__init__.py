@@ -2,7 +2,9 @@
 
 A scorer takes token sequences and, per sequence, the index where the completion starts, and returns one
 float32 array per sequence: log p(x_t | x_<t) for t = start .. len-1. `Scorer` below is everything stage 1
-uses of a backend. A class decorated with `@register` becomes a `--backend` choice; its constructor's keyword
+uses of a backend. Its scoring methods report progress as they go: `on_batch(units, tokens)` each time some of
+the call's pairs or sequences are done (hf: after each forward; vllm: as each request finishes), which is what
+moves precompute's progress bar within a call. A class decorated with `@register` becomes a `--backend` choice; its constructor's keyword
 parameters after (model_dir, dtype) are the settings it takes (a setting no backend takes, or one for another
 backend, is a UserError naming it), and its `flags` become `refcache precompute` options. Subclassing `Backend`
 gives the defaults (no pair packing, no spare positions, no flags), so a new backend is one new file here that
@@ -46,7 +48,7 @@ class Scorer(Protocol):
 
     # Declared by the class, read before any scorer is built:
     name: ClassVar[str]  # the --backend choice; recorded in the manifest
-    pairs_per_call: ClassVar[int]  # pairs per scoring call (the progress bar's step)
+    pairs_per_call: ClassVar[int]  # pairs per scoring call (what one call holds in memory)
     spare_positions: ClassVar[int]  # positions it needs past the scored sequence (max_length + spare <= context)
     flags: ClassVar[tuple]  # its `refcache precompute` options (Flag)
     batch_size_help: ClassVar[str]  # what --batch-size means for it ("" if it takes none)
@@ -58,6 +60,7 @@ class Scorer(Protocol):
     post_seconds: float  # time spent turning engine output into numpy (a share of scoring time)
     ches_start_seconds: float  # starting what only CHES needs (vllm: its second engine); 0 where nothing is
     ches_seconds: float  # scoring time spent on CHES alone (vllm: its second pass); 0 where it comes free
+    ches_pass: bool  # pair_ches runs a pass of its own over the sequences (vllm with CHES): progress counts it
 
     @classmethod
     def max_length_cap(cls, settings: dict) -> int | None:
@@ -72,21 +75,24 @@ class Scorer(Protocol):
     def complete_settings(cls, settings: dict, max_length: int) -> dict:
         """The settings with the defaults that follow max_length filled in."""
 
-    def score(self, seqs: list, starts) -> list:
+    def score(self, seqs: list, starts, on_batch=None) -> list:
         """seqs: token id lists; starts[i]: where seqs[i]'s completion begins -> one float32 array per sequence,
-        log p(seqs[i][t] | seqs[i][:t]) for t = starts[i] .. len-1."""
+        log p(seqs[i][t] | seqs[i][:t]) for t = starts[i] .. len-1. on_batch(sequences, tokens) as sequences
+        are done (tokens: their lengths summed, or None where the backend cannot tell which ones)."""
 
     def can_pack(self) -> bool:
         """Whether `score_pairs` works: a pair scored as one prompt-shared row, with CHES from the same forward."""
 
-    def score_pairs(self, triples: list) -> list:
+    def score_pairs(self, triples: list, on_batch=None) -> list:
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
-        per-token float32 arrays and the pair's CHES scores (pipeline/ches.py). Only called when can_pack()."""
+        per-token float32 arrays and the pair's CHES scores (pipeline/ches.py). Only called when can_pack().
+        on_batch(pairs, tokens) as pairs are done (tokens: prompt + chosen + rejected, or None)."""
 
-    def pair_ches(self, seqs: list, starts) -> list | None:
+    def pair_ches(self, seqs: list, starts, on_batch=None) -> list | None:
         """CHES of pairs scored as two sequences (`score`'s input for chosen then rejected of each pair, as
         pipeline.tokenize.sequences gives them) -> [(ches, ln_ches)] per pair, floats (pipeline/ches.py); None
-        when this scorer does not compute CHES that way. Only called when not can_pack()."""
+        when this scorer does not compute CHES that way. Only called when not can_pack(). on_batch as `score`'s,
+        when ches_pass."""
 
     def settings(self) -> dict:
         """The settings in effect (recorded in the manifest)."""
@@ -110,6 +116,7 @@ class Backend:
     post_seconds = 0.0
     ches_start_seconds = 0.0
     ches_seconds = 0.0
+    ches_pass = False
 
     @classmethod
     def max_length_cap(cls, settings: dict) -> int | None:
@@ -126,10 +133,10 @@ class Backend:
     def can_pack(self) -> bool:
         return False
 
-    def score_pairs(self, triples: list) -> list:
+    def score_pairs(self, triples: list, on_batch=None) -> list:
         raise NotImplementedError(f"the {self.name} backend scores a pair as two sequences (can_pack() is False)")
 
-    def pair_ches(self, seqs: list, starts) -> list | None:
+    def pair_ches(self, seqs: list, starts, on_batch=None) -> list | None:
         return None
 
     def close(self) -> None:

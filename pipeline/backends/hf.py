@@ -110,17 +110,21 @@ class HFScorer(Backend):
                            use_cache=False)
         return out.last_hidden_state[:1] if lone else out.last_hidden_state
 
-    def score_pairs(self, triples):
+    def score_pairs(self, triples, on_batch=None):
         """triples: (prompt, chosen, rejected) token id lists -> [(chosen logps, rejected logps, ches, ln_ches)]:
         per-token float32 arrays and the pair's CHES scores (pipeline/ches.py, floats) from the same forward.
-        Each pair is scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` per forward."""
-        order = np.argsort([-(len(p) + len(c) + len(r)) for p, c, r in triples], kind="stable")
+        Each pair is scored as one shared-prompt row; pairs sorted by length, `batch_size // 2` per forward,
+        on_batch(pairs, tokens) after each."""
+        lengths = [len(p) + len(c) + len(r) for p, c, r in triples]
+        order = np.argsort([-n for n in lengths], kind="stable")
         out = [None] * len(triples)
         step = max(1, self.batch_size // 2)
         for i in range(0, len(order), step):
             idx = order[i : i + step]
             for j, lp in zip(idx, self._packed_batch([triples[j] for j in idx])):
                 out[j] = lp
+            if on_batch is not None:
+                on_batch(len(idx), sum(lengths[j] for j in idx))
         return out
 
     @functools.cached_property
@@ -146,13 +150,15 @@ class HFScorer(Backend):
         ends_r = np.cumsum([len(r) for _, _, r in triples])[:-1]
         return list(zip(np.split(lp[:n_c], ends_c), np.split(lp[n_c:], ends_r), ches, ln_ches))
 
-    def score(self, seqs, starts, sort=True):
+    def score(self, seqs, starts, on_batch=None, sort=True):
         order = np.argsort([-len(s) for s in seqs], kind="stable") if sort else np.arange(len(seqs))
         out = [None] * len(seqs)
         for i in range(0, len(order), self.batch_size):
             idx = order[i: i + self.batch_size]
             for j, lp in zip(idx, self._batch([seqs[j] for j in idx], [int(starts[j]) for j in idx])):
                 out[j] = lp
+            if on_batch is not None:
+                on_batch(len(idx), sum(len(seqs[j]) for j in idx))
         return out
 
     @torch.no_grad()

