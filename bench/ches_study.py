@@ -223,6 +223,21 @@ def scores(cache: Path) -> dict:
     return {r[0]: {"ln_ches": r[1], "ches": r[2], "rel_edit": r[3], "chosen_len": r[4]} for r in rows}
 
 
+def correlations(single: list, sc: dict) -> tuple[dict, dict]:
+    """Spearman of each score with the chosen drop (nats), and with the drop per chosen token: a summed drop grows
+    with the answer's length, and so does |CHES| (a sum), so the per-token drop shows what is left beyond length."""
+    info = [sc[s["pair_id"]] for s in single]
+    drop = [-s["chosen_change"] for s in single]
+    per_token = [d / x["chosen_len"] for d, x in zip(drop, info)]
+    out = []
+    for y in (drop, per_token):
+        out.append({"ln_ches": spearman([x["ln_ches"] for x in info], y),
+                    "ches": spearman([x["ches"] for x in info], y),
+                    "rel_edit": spearman([-x["rel_edit"] for x in info], y),  # lower edit distance = riskier
+                    "chosen_len": spearman([x["chosen_len"] for x in info], y)})
+    return out[0], out[1]
+
+
 def single_pair(tr: Trainer, rows: list, steps: int, log) -> list:
     out = []
     t0 = time.time()
@@ -299,11 +314,7 @@ def main():
     single = single_pair(tr, rows, a.steps, log)
     t_single = time.time() - t1
     drop = [-s["chosen_change"] for s in single]
-    info = [sc[s["pair_id"]] for s in single]
-    corr = {"ln_ches": spearman([x["ln_ches"] for x in info], drop),
-            "ches": spearman([x["ches"] for x in info], drop),
-            "rel_edit": spearman([-x["rel_edit"] for x in info], drop),  # lower edit distance = riskier
-            "chosen_len": spearman([x["chosen_len"] for x in info], drop)}
+    corr, corr_tok = correlations(single, sc)
 
     by = sorted(range(n_all), key=lambda i: (sc[tr.pairs.pair_id[i]]["ln_ches"], tr.pairs.pair_id[i]))
     k = max(2, round(a.subset_share * n_all))
@@ -317,6 +328,9 @@ def main():
     res = {
         "real_ches_spearman": corr["ln_ches"]["rho"], "real_ches_spearman_lo": corr["ln_ches"]["lo"],
         "real_ches_spearman_hi": corr["ln_ches"]["hi"],
+        "real_ches_spearman_per_token": corr_tok["ln_ches"]["rho"],
+        "real_ches_spearman_per_token_lo": corr_tok["ln_ches"]["lo"],
+        "real_ches_spearman_per_token_hi": corr_tok["ln_ches"]["hi"],
         "real_ches_sum_spearman": corr["ches"]["rho"], "real_rel_edit_spearman": corr["rel_edit"]["rho"],
         "real_chosen_len_spearman": corr["chosen_len"]["rho"],
         "real_ches_top_vs_bottom_drift": diff["diff"], "real_ches_top_vs_bottom_drift_lo": diff["lo"],
@@ -324,7 +338,7 @@ def main():
         "real_ches_study_s": time.time() - t0,
         "raw": {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                 "pairs_in_cache": n_all, "single_pairs": len(single), "chosen_fell": fell,
-                "spearman": corr, "top": {k: v for k, v in top.items() if k != "change"},
+                "spearman": corr, "spearman_per_token": corr_tok, "top": {k: v for k, v in top.items() if k != "change"},
                 "bottom": {k: v for k, v in bottom.items() if k != "change"}, "top_minus_bottom": diff,
                 "seconds": {"data": t_data, "single_pair": t_single, "subset": t_subset},
                 "loadavg_1min": {"start": load0, "end": os.getloadavg()[0]},
@@ -334,7 +348,10 @@ def main():
     log(f"\nsingle-pair ({len(single)} pairs, {a.steps} AdamW steps each, lr {a.lr}, beta {a.beta}): the chosen "
         f"log-prob fell on {fell} of {len(single)}; Spearman of ln-CHES with the chosen drop = {s['rho']:.3f} "
         f"[{s['lo']:.3f}, {s['hi']:.3f}] (CHES {corr['ches']['rho']:.3f}, -rel. edit distance "
-        f"{corr['rel_edit']['rho']:.3f}, chosen length {corr['chosen_len']['rho']:.3f})")
+        f"{corr['rel_edit']['rho']:.3f}, chosen length {corr['chosen_len']['rho']:.3f}); with the drop per chosen "
+        f"token: ln-CHES {corr_tok['ln_ches']['rho']:.3f} [{corr_tok['ln_ches']['lo']:.3f}, "
+        f"{corr_tok['ln_ches']['hi']:.3f}], CHES {corr_tok['ches']['rho']:.3f}, chosen length "
+        f"{corr_tok['chosen_len']['rho']:.3f}")
     verdict = ("ln-CHES ranks the displaced pairs above chance" if s["lo"] > 0 else
                "ln-CHES does not rank the displaced pairs above chance (the interval includes 0)" if s["hi"] > 0
                else "ln-CHES ranks them in the opposite order")
