@@ -313,7 +313,8 @@ def _plot_ches(con, pred, runs, out_dir):
                 ax.scatter(p["ln_ches"].to_numpy(), p["chosen_drop"].to_numpy(), s=12, alpha=0.7,
                            color=colours[(run, split)], edgecolors="none", label=label)
     ax.axhline(0, color="0.4", lw=0.8)
-    lines = [f"{r['run']}: Spearman {num(r['estimate'])} [{num(r['ci_low'])}, {num(r['ci_high'])}], n {r['n']}"
+    lines = [f"{r['run']}: Spearman {r['estimate']:+.2f}" + (f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+             if r["ci_low"] is not None and r["ci_high"] is not None else "") + f", n {r['n']}"
              for r in rho.iter_rows(named=True) if r["estimate"] is not None]
     ax.set_title("ln-CHES before training vs the chosen drop at the last probe step\n"
                  + ("; ".join(lines) or "no rank correlation (too few pairs)"), fontsize=10)
