@@ -25,7 +25,9 @@ with its error line and the others go on):
 
 Then merges them into BENCHMARKS.json (the issue's keys plus the raw figures) and rewrites the marked section
 of BENCHMARKS.md (a table: figure, value, target, met?; machine, versions, settings). --quick writes both to
-bench/work/quick/ instead, never over the real ones.
+bench/work/quick/ instead, never over the real ones. A run of some pieces (--only/--skip/--merge-only) keeps the
+figures it did not measure from the committed BENCHMARKS.json and lists each, with the date it was measured,
+under `carried` (and in the section's first line); every piece run records when it started.
 """
 
 import argparse
@@ -623,6 +625,16 @@ def render(report):
     head = (f"Measured {report['finished']} by `bench/run.py`{' --quick (toy size)' if s['quick'] else ''} "
             f"in {report['wall_s'] / 60:.1f} min. Load average at start/end: "
             f"{report['loadavg'][0]:.1f} / {report['loadavg'][1]:.1f}.")
+    starts = sorted((v["started"], k) for k, v in report["pieces"].items() if v.get("started"))
+    if starts:  # a run in pieces spans invocations: the headline's time is the last one's
+        head += (" Each piece's start (UTC): " +
+                 ", ".join(f"`{k}` {d}" for d, k in starts) + ".")
+    if carried := report.get("carried"):
+        dates = {}
+        for k, d in carried.items():
+            dates.setdefault(d, []).append(f"`{k}`")
+        head += (" Not re-measured in this invocation, kept from earlier runs (BENCHMARKS.json `carried`): " +
+                 "; ".join(f"from {d}: {', '.join(ks)}" for d, ks in sorted(dates.items())) + ".")
     L = [BEGIN, "", head, "",
          "| figure | value | target | met? |", "|---|---|---|---|"]
     unequal = {"trl_over_refcache_step_s", "refcache_over_trl_peak_mem"} if raw.get("train_info") else set()
@@ -767,19 +779,21 @@ def main():
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     ctx = {"quick": quick, "work": work, "res": res, "s": s, "w": None}
     for name in todo:
-        t = time.perf_counter()
+        t, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
         try:
             if name not in ("workload", "streaming", "real", "real_fsdp_memory", "ches_study") and ctx["w"] is None:  # these make their own pairs
                 ctx["w"] = workload_record(quick)
             STEPS[name](ctx)
-            status[name] = {"ok": True, "seconds": time.perf_counter() - t}
+            status[name] = {"ok": True, "seconds": time.perf_counter() - t, "started": started}
         except Exception as e:  # noqa: BLE001 - a failed piece is recorded and the rest go on
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            status[name] = {"ok": False, "seconds": time.perf_counter() - t, "error": msg[:300]}
+            status[name] = {"ok": False, "seconds": time.perf_counter() - t, "started": started, "error": msg[:300]}
             print(f"!!! {name} failed: {msg}", flush=True)
         status_path.write_text(json.dumps(status, indent=1))
 
     report = merge(res, s, status)
+    if not quick and (args.only or args.skip or args.merge_only) and (ROOT / "BENCHMARKS.json").exists():
+        carry(report, json.loads((ROOT / "BENCHMARKS.json").read_text()))
     report |= {"settings": s, "machine": machine(), "versions": versions(),
                "finished": time.strftime("%Y-%m-%d %H:%M"), "wall_s": time.perf_counter() - t0,
                "loadavg": [load0, os.getloadavg()[0]]}
@@ -787,7 +801,7 @@ def main():
     out_md = (work if quick else ROOT) / "BENCHMARKS.md"
     flat = {k: report["figures"].get(k) for k, *_ in TARGETS} | report["figures"] | \
         {k: report[k] for k in ("targets", "pieces", "settings", "machine", "versions", "finished", "wall_s",
-                                "loadavg", "raw")}
+                                "loadavg", "raw", "carried") if k in report}
     out_json.write_text(json.dumps(flat, indent=1, default=str))
     section = render(report)
     if quick and (ROOT / "BENCHMARKS.md").exists():
@@ -797,6 +811,33 @@ def main():
     print(f"\nfigures -> {out_json.relative_to(ROOT)}, table -> {out_md.relative_to(ROOT)}; "
           f"{sum(not v['ok'] for v in status.values())} piece(s) failed; {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
+
+
+NOT_FIGURES = {"targets", "pieces", "settings", "machine", "versions", "finished", "wall_s", "loadavg", "raw",
+               "carried"}
+
+
+def carry(report, old):
+    """A run of some pieces (--only/--skip): the figures it did not measure are kept from the committed
+    BENCHMARKS.json, each listed under `carried` with the date it was measured, never passed off as new."""
+    when = old.get("carried") or {}
+    carried = {}
+    for k, v in old.items():
+        if k not in NOT_FIGURES and v is not None and report["figures"].get(k) is None:
+            report["figures"][k] = v
+            carried[k] = when.get(k) or old.get("finished")
+    for k, v in (old.get("raw") or {}).items():
+        if not report["raw"].get(k):
+            report["raw"][k] = v
+    for k, v in (old.get("pieces") or {}).items():
+        if k not in report["pieces"]:
+            report["pieces"][k] = v | {"carried": True, "measured": v.get("measured") or old.get("finished")}
+    for k, op, target, _ in TARGETS:
+        report["targets"][k] = {"op": op, "value": target, "met": met(report["figures"].get(k), op, target)}
+    for k, t in (old.get("targets") or {}).items():
+        if k in carried and k not in report["targets"]:
+            report["targets"][k] = t
+    report["carried"] = carried
 
 
 def workload_record(quick):

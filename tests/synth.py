@@ -39,7 +39,7 @@ def _lists(lengths, values, typ):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
 
 
-def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_rows=None, max_len=64):
+def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_rows=None, max_len=64, ches=False):
     """Write a stage-1-shaped cache to `out`; return its pairs as a pyarrow Table (token lists included)."""
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -85,8 +85,9 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
             "rejected_len": rejected_len.astype(np.int32),
             "shared_prefix_len": shared.astype(np.int32),
             "truncated": rng.random(n_pairs) < 0.05,
-            "ches": pa.nulls(n_pairs, pa.float64()),  # not computed by this world
-            "ln_ches": pa.nulls(n_pairs, pa.float64()),
+            # not computed by this world unless asked: then random scores, as a cache whose backend computed them
+            "ches": rng.normal(0, 50, n_pairs) if ches else pa.nulls(n_pairs, pa.float64()),
+            "ln_ches": rng.normal(-80, 60, n_pairs) if ches else pa.nulls(n_pairs, pa.float64()),
         },
         schema=CACHE_SCHEMA,
     )
@@ -113,7 +114,7 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
         "schema_version": SCHEMA_VERSION,
         "model": {"path": "synthetic (no model)", "sha256": "0" * 64},
         "tokenization": {"max_length": max_len},
-        "backend": {"name": "synthetic"},
+        "backend": {"name": "synthetic", **({"settings": {"ches": "computed"}} if ches else {})},
         "dataset": {"source": "synthetic", "rows_read": n_pairs + n_rejected, "rows_kept": n_pairs,
                     "rows_rejected": n_rejected},
         "shards": shards,
