@@ -563,9 +563,13 @@ def merge(res, s, status):
         figs |= {k: v for k, v in study.items() if k != "raw"}
         raw["ches_study"] = {k: v for k, v in study["raw"].items() if k != "single"}
 
-    checks = {k: met(figs.get(k), op, v) for k, op, v, _ in TARGETS}
-    targets = {k: {"op": op, "value": v, "met": checks[k]} for k, op, v, _ in TARGETS}
-    return {"figures": figs, "targets": targets | ((real or {}).get("targets") or {}), "pieces": status, "raw": raw}
+    return {"figures": figs, "targets": judge(figs) | ((real or {}).get("targets") or {}), "pieces": status,
+            "raw": raw}
+
+
+def judge(figs):
+    """The issue's targets, each with whether `figs` meets it."""
+    return {k: {"op": op, "value": v, "met": met(figs.get(k), op, v)} for k, op, v, _ in TARGETS}
 
 
 def met(value, op, target):
@@ -800,8 +804,7 @@ def main():
     out_json = (work if quick else ROOT) / "BENCHMARKS.json"
     out_md = (work if quick else ROOT) / "BENCHMARKS.md"
     flat = {k: report["figures"].get(k) for k, *_ in TARGETS} | report["figures"] | \
-        {k: report[k] for k in ("targets", "pieces", "settings", "machine", "versions", "finished", "wall_s",
-                                "loadavg", "raw", "carried") if k in report}
+        {k: report[k] for k in NOT_FIGURES if k in report}
     out_json.write_text(json.dumps(flat, indent=1, default=str))
     section = render(report)
     if quick and (ROOT / "BENCHMARKS.md").exists():
@@ -813,8 +816,8 @@ def main():
     return 0
 
 
-NOT_FIGURES = {"targets", "pieces", "settings", "machine", "versions", "finished", "wall_s", "loadavg", "raw",
-               "carried"}
+# BENCHMARKS.json keys beside the figures (in this order after them)
+NOT_FIGURES = ("targets", "pieces", "settings", "machine", "versions", "finished", "wall_s", "loadavg", "raw", "carried")
 
 
 def carry(report, old):
@@ -832,8 +835,7 @@ def carry(report, old):
     for k, v in (old.get("pieces") or {}).items():
         if k not in report["pieces"]:
             report["pieces"][k] = v | {"carried": True, "measured": v.get("measured") or old.get("finished")}
-    for k, op, target, _ in TARGETS:
-        report["targets"][k] = {"op": op, "value": target, "met": met(report["figures"].get(k), op, target)}
+    report["targets"] |= judge(report["figures"])
     for k, t in (old.get("targets") or {}).items():
         if k in carried and k not in report["targets"]:
             report["targets"][k] = t

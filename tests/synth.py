@@ -114,6 +114,7 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
         "schema_version": SCHEMA_VERSION,
         "model": {"path": "synthetic (no model)", "sha256": "0" * 64},
         "tokenization": {"max_length": max_len},
+        # "computed" = pipeline.ches.COMPUTED, spelled out: importing pipeline.ches would load torch here
         "backend": {"name": "synthetic", **({"settings": {"ches": "computed"}} if ches else {})},
         "dataset": {"source": "synthetic", "rows_read": n_pairs + n_rejected, "rows_kept": n_pairs,
                     "rows_rejected": n_rejected},
