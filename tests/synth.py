@@ -26,7 +26,13 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import REJECTED_FILE, manifest_path, side_dir
 from pipeline.fingerprint import file_sha256
-from refcache_base.cache_schema import CACHE_SCHEMA, REJECTED_REQUIRED, REJECTED_SCHEMA, SCHEMA_VERSION
+from refcache_base.cache_schema import (
+    CACHE_SCHEMA,
+    CHES_COMPUTED,
+    REJECTED_REQUIRED,
+    REJECTED_SCHEMA,
+    SCHEMA_VERSION,
+)
 from refcache_base.runlog_schema import EXAMPLES_SCHEMA, STEPS_SCHEMA
 
 
@@ -114,8 +120,7 @@ def make_cache(out, n_pairs=200, seed=0, near_share=0.25, n_rejected=5, shard_ro
         "schema_version": SCHEMA_VERSION,
         "model": {"path": "synthetic (no model)", "sha256": "0" * 64},
         "tokenization": {"max_length": max_len},
-        # "computed" = pipeline.ches.COMPUTED, spelled out: importing pipeline.ches would load torch here
-        "backend": {"name": "synthetic", **({"settings": {"ches": "computed"}} if ches else {})},
+        "backend": {"name": "synthetic", **({"settings": {"ches": CHES_COMPUTED}} if ches else {})},
         "dataset": {"source": "synthetic", "rows_read": n_pairs + n_rejected, "rows_kept": n_pairs,
                     "rows_rejected": n_rejected},
         "shards": shards,

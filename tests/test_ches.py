@@ -45,10 +45,10 @@ def test_cache_has_ches_from_the_hf_backend(train_cache, tiny_model_dir):
     """The session cache (hf backend) carries ches/ln_ches for every pair, equal to the direct computation on
     a sample, and its manifest records that it was computed."""
     from pipeline.cache import read_manifest
-    from pipeline.ches import missing_reason
+    from refcache_base.cache_schema import ches_missing_reason
 
     manifest = read_manifest(train_cache)
-    assert manifest["backend"]["settings"]["ches"] == "computed" and missing_reason(manifest) is None
+    assert manifest["backend"]["settings"]["ches"] == "computed" and ches_missing_reason(manifest) is None
     t = pq.read_table(min(train_cache.glob("part-*.parquet"))).to_pylist()
     assert all(r["ches"] is not None and r["ln_ches"] is not None for r in t)
     model = HFScorer(tiny_model_dir, "float32").model
@@ -92,8 +92,8 @@ def test_sequence_ches_takes_the_positions_predicting_each_completion_token(tiny
     ({"schema_version": 2, "backend": {"name": "synthetic", "settings": {}}}, "synthetic backend",
      "rebuild with --backend hf"),
 ])
-def test_missing_reason_names_the_cause(manifest, why, fix):
-    from pipeline.ches import missing_reason
+def test_ches_missing_reason_names_the_cause(manifest, why, fix):
+    from refcache_base.cache_schema import ches_missing_reason
 
-    line = missing_reason(manifest)
+    line = ches_missing_reason(manifest)
     assert line.startswith("no CHES in this cache: ") and why in line and line.endswith(fix), line

@@ -23,11 +23,11 @@ from pipeline.backends import (
 )
 from pipeline.backends.vllm import cpu_kv_cache_bytes, kv_bytes_per_token
 from pipeline.cache import load_table, read_manifest
-from pipeline.ches import COMPUTED, SKIPPED
 from pipeline.precompute import format_summary, precompute
 from pipeline.verify import TOLERANCE, compare
 from refcache import UserError
 from refcache.cli import main as cli_main
+from refcache_base.cache_schema import CHES_COMPUTED, CHES_SKIPPED
 from refcache_base.progress import SECONDS_ENV
 
 
@@ -154,7 +154,7 @@ def test_no_ches_starts_one_engine_and_says_why_the_cache_has_none(tmp_path, tin
     why = "no CHES in this cache: built with the vllm backend and --no-ches; rebuild without --no-ches"
     assert f"CHES displacement scores (ches, ln_ches): {why}" in printed.out and "CHES cost" not in printed.out
     m = read_manifest(out)
-    assert m["backend"]["settings"]["ches"] == SKIPPED and m["backend"]["settings"]["ches_method"] is None
+    assert m["backend"]["settings"]["ches"] == CHES_SKIPPED and m["backend"]["settings"]["ches_method"] is None
     assert m["settings"]["ches"] is False
     t = load_table(out)
     assert t.column("ches").null_count == t.column("ln_ches").null_count == t.num_rows == 16
@@ -196,7 +196,7 @@ def test_vllm_matches_hf_per_token_fp32(tmp_path, vllm_scorer, eval_cache, tiny_
     assert read_manifest(eval_cache)["fingerprint"] != m["fingerprint"]  # backend is part of the fingerprint
     # CHES from the second engine: every pair has it, equal to hf's within 1e-4 of each score's scale (the size
     # of the two dot products that cancel in it, tests/oracles.direct_ches)
-    assert s["ches"] == COMPUTED and m["backend"]["settings"]["ches"] == COMPUTED
+    assert s["ches"] == CHES_COMPUTED and m["backend"]["settings"]["ches"] == CHES_COMPUTED
     assert m["backend"]["settings"]["ches_method"].startswith("second pass: a vLLM pooling engine")
     assert m["settings"]["ches"] is True
     rows = load_table(out, ["prompt_ids", "chosen_ids", "rejected_ids", "ches", "ln_ches"]).to_pylist()

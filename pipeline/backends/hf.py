@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from pipeline.backends import Backend, Flag, register, torch_dtype
-from pipeline.ches import COMPUTED, NO_LAYOUT
 from pipeline.logps import bf16_matmul_native
 from refcache_base import UserError
+from refcache_base.cache_schema import CHES_COMPUTED, CHES_NO_LAYOUT
 
 BATCH_SIZE = 16  # sequences per forward when not given
 HF_CHES_METHOD = "from the scoring forward (no second pass)"  # short: it is in every part's metadata
@@ -76,7 +76,7 @@ class HFScorer(Backend):
         return {"batch_size": self.batch_size, "device": str(self.device), "padding": "left",
                 "batching": "length-sorted", "rows": "prompt-shared" if self.can_pack() else "two per pair",
                 "compile": self.compile, "compute_dtype": self.compute_dtype,
-                "ches": COMPUTED if self.can_pack() else NO_LAYOUT,
+                "ches": CHES_COMPUTED if self.can_pack() else CHES_NO_LAYOUT,
                 "ches_method": HF_CHES_METHOD if self.can_pack() else None}
 
     def can_pack(self) -> bool:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.backends import Backend, Flag, register, torch_dtype
-from pipeline.ches import COMPUTED, SKIPPED
 from refcache_base import UserError
+from refcache_base.cache_schema import CHES_COMPUTED, CHES_SKIPPED
 from refcache_base.progress import say
 
 GiB = 1 << 30
@@ -295,7 +295,7 @@ class VLLMScorer(Backend):
         return {"max_num_seqs": self.max_num_seqs, "max_model_len": self.max_model_len,
                 "tensor_parallel_size": self.tensor_parallel_size, "enforce_eager": self.enforce_eager,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "kv_cache_bytes": self.kv_cache_bytes,
-                "fast_output": self.fast_output, "ches": COMPUTED if self.ches else SKIPPED,
+                "fast_output": self.fast_output, "ches": CHES_COMPUTED if self.ches else CHES_SKIPPED,
                 "ches_method": CHES_METHOD if self.ches else None}
 
     def score(self, seqs, starts, on_batch=None):
