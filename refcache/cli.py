@@ -77,6 +77,8 @@ class Parser(argparse.ArgumentParser):
                 setattr(namespace, dest, value.value)
         if extras and not self._subparsers:
             self.error(unknown_flags(self, extras))
+        if clash := exclusive_clash(self, args):
+            self.error(clash)
         if missing := [a for a in required if getattr(namespace, a.dest, None) is None]:
             names = [a.option_strings[0] if a.option_strings else a.metavar or a.dest for a in missing]
             self.error(f"the following arguments are required: {', '.join(names)}")
@@ -116,6 +118,29 @@ def _not_given(parser, args: list, settings: dict) -> dict:
             given |= set(group._group_actions)
     taken = {a.dest for a in given}
     return {k: v for k, v in settings.items() if k not in taken}
+
+
+def exclusive_clash(parser, args: list) -> str | None:
+    """argparse's error for two flags of one mutually exclusive group given together, or None. argparse itself
+    misses the pair when one value equals its flag's default (`--batch-size 8 --per-device-train-batch-size 2`:
+    it compares the value with the default by identity), so the command line is read here as typed."""
+    actions = parser._option_string_actions
+    given = []
+    for a in args:
+        if a == "--":
+            break
+        name = a.split("=", 1)[0]
+        if name not in actions and name.startswith("--") and parser.allow_abbrev:  # argparse's unique prefixes
+            names = [o for o in actions if o.startswith(name)]
+            name = names[0] if len({actions[o] for o in names}) == 1 else name
+        if name in actions:
+            given.append(actions[name])
+    for group in parser._mutually_exclusive_groups:
+        seen = list(dict.fromkeys(action for action in given if action in group._group_actions))
+        if len(seen) > 1:  # worded as argparse words it
+            return (f"argument {argparse._get_action_name(seen[1])}: not allowed with argument "
+                    f"{argparse._get_action_name(seen[0])}")
+    return None
 
 
 def _options(parser) -> dict:

@@ -60,3 +60,18 @@ def test_synthetic_cache_with_ches_runs_every_diagnostic(tmp_path):
     # as bench/queries.py runs them; none refuses (CHES present, slices has a column)
     out = {q.name: queries.run_query(con, q.name, bench_queries.PARAMS.get(q.name)) for q in queries.list_queries()}
     assert out["displacement_risk"].height > 0
+
+
+def test_alternated_stage1_runs_pair_by_repeat():
+    """bench/stage1.py --repeats: each backend's ratio to the plain loop is taken within a repeat (runs minutes
+    apart), a repeat where either side failed is left out, and a configuration's row is its median run."""
+    stage1 = _load("bench_stage1", "stage1.py")
+    runs = [{"backend": b, "dtype": d, "repeat": r, "pairs_per_s": v} for b, d, r, v in [
+        ("hf+compile", "float32", 0, 10.0), ("plain", "float32", 0, 5.0),
+        ("plain", "float32", 1, 2.0), ("hf+compile", "float32", 1, 8.0),  # B A: a slow spell hits both sides
+        ("hf+compile", "float32", 2, 9.0),  # its plain run failed: no ratio for repeat 2
+        ("hf+compile", "bfloat16", 0, 30.0), ("plain", "bfloat16", 0, 10.0)]]
+    assert stage1.vs_plain(runs) == {"float32": {"hf+compile": [2.0, 4.0]}, "bfloat16": {"hf+compile": [3.0]}}
+    hf32 = [r for r in runs if (r["backend"], r["dtype"]) == ("hf+compile", "float32")]
+    assert stage1.median_run(hf32)["pairs_per_s"] == 9.0
+    assert stage1.median_run(hf32[:2])["pairs_per_s"] == 8.0  # an even count: the lower middle run

@@ -139,13 +139,24 @@ def test_per_device_batch_is_global_batch_over_processes(monkeypatch):
     assert [over["batch_size"] for _, over in sweep_runs(args)] == [4, 8]
 
 
-def test_per_device_batch_excludes_batch_size(capsys):
+PER_DEVICE = "--per_device_train_batch_size/--per-device-train-batch-size"  # as argparse names the flag
+
+
+@pytest.mark.parametrize("argv, second, first", [
+    (["--batch-size", 16, "--per_device_train_batch_size", 2], PER_DEVICE, "--batch-size"),
+    # 8 is --batch-size's default: argparse alone let this pair through (it compares a value with the default by
+    # identity) and the per-device value silently won
+    (["--batch-size", 8, "--per-device-train-batch-size", 2], PER_DEVICE, "--batch-size"),
+    (["--per-device-train-batch-size=2", "--batch-size=8"], "--batch-size", PER_DEVICE),
+    (["--batch-s", 8, "--per-device-train-batch-size", 2], PER_DEVICE, "--batch-size"),  # a prefix argparse takes
+    (["--num_train_epochs", 1, "--steps", 5], "--steps", "--epochs/--num_train_epochs/--num-train-epochs"),
+])
+def test_flags_that_exclude_each_other_are_refused_whatever_the_value(capsys, argv, second, first):
     with pytest.raises(SystemExit) as e:
-        parse("--batch-size", 16, "--per_device_train_batch_size", 2)
+        parse(*argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: refcache train")
-    assert "argument --per_device_train_batch_size/--per-device-train-batch-size: not allowed with argument " \
-           "--batch-size" in err
+    assert f"refcache train: error: argument {second}: not allowed with argument {first}\n" in err, err
 
 
 def test_sweep_takes_trl_names():
