@@ -268,24 +268,37 @@ def _setting_value(action, name: str, value, path, key):
     return typed if many else typed[0]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `refcache` parser with every command; for `command` one of stage 3's (query, sql, report), one with
+    only those: the other stages' flags are made from declarations that sit beside their torch code (loss
+    parameters, backends), and importing torch was most of a diagnostic's start-up (`query --help` 2.9 s)."""
+    from queries import cli as queries_cli
+
+    light = _parser(queries_cli.add_commands)
+    if command in light._subparsers._group_actions[0].choices:
+        return light
     from dpo import cli as dpo_cli
     from pipeline import cli as pipeline_cli
-    from queries import cli as queries_cli
     from refcache import demo
 
+    return _parser(pipeline_cli.add_commands,  # precompute, verify, merge
+                   dpo_cli.add_commands,  # train, sweep
+                   queries_cli.add_commands,  # query, sql, report
+                   demo.add_commands)  # demo
+
+
+def _parser(*add_commands) -> argparse.ArgumentParser:
     parser = Parser(prog="refcache", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"refcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pipeline_cli.add_commands(sub)  # precompute, verify, merge
-    dpo_cli.add_commands(sub)  # train, sweep
-    queries_cli.add_commands(sub)  # query, sql, report
-    demo.add_commands(sub)  # demo
+    for add in add_commands:
+        add(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     preempt.install()  # SIGTERM (a scheduler's time limit or eviction) stops like Ctrl-C
     try:

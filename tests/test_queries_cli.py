@@ -4,6 +4,8 @@ import argparse
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import duckdb
 import polars as pl
@@ -179,6 +181,31 @@ def test_help_describes_and_shows_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
         for m in must:
             assert m in out, (cmd, m)
+
+
+def test_stage3_commands_start_without_torch(world, capsys):
+    """`refcache query/sql/report` build only stage 3's parser (the other stages' flags load torch, which was most
+    of a query's start-up): same commands, same help, and a query run through `refcache.cli.main` in a fresh
+    process gives its rows without torch ever being imported."""
+    from refcache.cli import build_parser
+
+    def helps(parser):
+        sub = parser._subparsers._group_actions[0].choices
+        return {c: sub[c].format_help() for c in ("query", "sql", "report")}
+
+    light = build_parser("query")
+    assert set(light._subparsers._group_actions[0].choices) == {"query", "sql", "report"}
+    assert helps(light) == helps(build_parser())
+    assert "train" in build_parser("train")._subparsers._group_actions[0].choices
+    run = world["runs"][0]
+    code = ("import sys; from refcache.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules, rc)")
+    for argv in (["query", "cache_overview", "--run", run, "--format", "csv"],
+                 ["sql", "SELECT count(*) AS n FROM pairs", "--run", run, "--format", "csv"]):
+        r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, check=False)
+        lines = r.stdout.strip().splitlines()
+        assert r.returncode == 0 and lines[-1] == "False 0", (argv, r.stdout[-500:], r.stderr[-500:])
+        assert lines[0].startswith(("cache,", "n")) and len(lines) >= 3, lines
 
 
 def test_cache_only_query(world, capsys):
