@@ -111,8 +111,7 @@ def _option_value(args: list, option: str) -> str | None:
 def _not_given(parser, args: list, settings: dict) -> dict:
     """`settings` less those the command line gives, itself or through a flag they exclude (--steps given:
     the file's epochs count no more)."""
-    given = {parser._option_string_actions[a.split("=", 1)[0]] for a in args
-             if a.split("=", 1)[0] in parser._option_string_actions}
+    given = set(given_actions(parser, args))
     for group in parser._mutually_exclusive_groups:
         if given & set(group._group_actions):
             given |= set(group._group_actions)
@@ -120,23 +119,30 @@ def _not_given(parser, args: list, settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in taken}
 
 
-def exclusive_clash(parser, args: list) -> str | None:
-    """argparse's error for two flags of one mutually exclusive group given together, or None. argparse itself
-    misses the pair when one value equals its flag's default (`--batch-size 8 --per-device-train-batch-size 2`:
-    it compares the value with the default by identity), so the command line is read here as typed."""
+def given_actions(parser, args: list) -> list:
+    """The parser's actions the command line gives, in the order given, each once: flags as typed (`--opt V` or
+    `--opt=V`) or as a unique prefix (argparse takes those); nothing after `--`."""
     actions = parser._option_string_actions
     given = []
     for a in args:
         if a == "--":
             break
         name = a.split("=", 1)[0]
-        if name not in actions and name.startswith("--") and parser.allow_abbrev:  # argparse's unique prefixes
+        if name not in actions and name.startswith("--") and parser.allow_abbrev:
             names = [o for o in actions if o.startswith(name)]
             name = names[0] if len({actions[o] for o in names}) == 1 else name
         if name in actions:
             given.append(actions[name])
+    return list(dict.fromkeys(given))
+
+
+def exclusive_clash(parser, args: list) -> str | None:
+    """argparse's error for two flags of one mutually exclusive group given together, or None. argparse itself
+    misses the pair when one value equals its flag's default (`--batch-size 8 --per-device-train-batch-size 2`:
+    it compares the value with the default by identity), so the command line is read here as typed."""
+    given = given_actions(parser, args)
     for group in parser._mutually_exclusive_groups:
-        seen = list(dict.fromkeys(action for action in given if action in group._group_actions))
+        seen = [a for a in given if a in group._group_actions]
         if len(seen) > 1:  # worded as argparse words it
             return (f"argument {argparse._get_action_name(seen[1])}: not allowed with argument "
                     f"{argparse._get_action_name(seen[0])}")

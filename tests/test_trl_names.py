@@ -269,6 +269,10 @@ def test_command_line_overrides_the_file(tmp_path):
     # a flag given excludes the file's settings it excludes: --steps the file's epochs, --batch-size its per-device
     got = parse(*cfg, "--steps", "4", "--batch-size", "16")
     assert (got.steps, got.epochs, got.batch_size) == (4, None, 16)
+    # the same through prefixes argparse takes (the file's per-device batch silently won over --batch-s 16, and
+    # --ste 4 was refused as given with the file's epochs)
+    got = parse(*cfg, "--ste", "4", "--batch-s=16")
+    assert (got.steps, got.epochs, got.batch_size) == (4, None, 16)
     # in the file, max_steps overrides num_train_epochs (TRL's rule)
     got = parse(*_config(tmp_path, "max_steps: 5\nnum_train_epochs: 3\n"))
     assert (got.steps, got.epochs) == (5, None)
