@@ -205,8 +205,10 @@ def main():
                 if res:
                     res["repeat"] = rep
                     runs.append(res)
-    results = [median_run([r for r in runs if (r["backend"], r["dtype"]) == key])
-               for key in dict.fromkeys((r["backend"], r["dtype"]) for r in runs)]
+    by_config = {}  # (backend, dtype) -> its runs, in the order first run
+    for r in runs:
+        by_config.setdefault((r["backend"], r["dtype"]), []).append(r)
+    results = [median_run(rs) for rs in by_config.values()]
 
     import numpy as np
 
@@ -227,8 +229,7 @@ def main():
            "stage1_postprocess_share": max(vl) if vl else None, "results": results}
     if args.repeats > 1:
         out.update(repeats=args.repeats, vs_plain=vs_plain(runs),
-                   pairs_per_s_runs={f"{b}:{d}": [r["pairs_per_s"] for r in runs if (r["backend"], r["dtype"]) == (b, d)]
-                                     for b, d in dict.fromkeys((r["backend"], r["dtype"]) for r in runs)})
+                   pairs_per_s_runs={f"{b}:{d}": [r["pairs_per_s"] for r in rs] for (b, d), rs in by_config.items()})
         for dt, by in out["vs_plain"].items():
             for b, xs in by.items():
                 print(f"{b} / plain, {dt}, repeat by repeat: " + ", ".join(f"{x:.3f}" for x in xs)
